@@ -1,0 +1,171 @@
+"""The reward contract: a frozen module mapping images in [0, 1] (plus prompts) to one score per image."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from rewards.combine import CombinedReward
+
+Prompts = str | Sequence[str] | None
+
+RANGE_TOLERANCE = 1e-3
+"""How far outside [0, 1] pixel values may stray (rounding) before an input is rejected."""
+
+
+class Reward(nn.Module):
+    """Base class of every reward.
+
+    Contract:
+      * ``reward(images, prompts=None) -> Tensor[B]`` (float32), higher is better;
+      * ``images``: float NCHW RGB in [0, 1], any height and width, on the reward's device, may require grad;
+      * all preprocessing happens inside, differentiably; parameters are frozen and the module stays in eval
+        mode, so gradients flow to the images only.
+
+    Subclasses implement :meth:`score` and set the metadata below. Inputs are validated once in
+    :meth:`forward`; set ``check_inputs = False`` on an instance to skip the checks (they synchronise with the
+    device once per call).
+    """
+
+    name: str = "reward"
+    needs_prompts: bool = False
+    input_size: int | None = None
+    """Side of the square input the underlying model sees after preprocessing; ``None`` for any size."""
+    typical_range: tuple[float, float] = (0.0, 1.0)
+    """Scores usually seen on Stable Diffusion 1.x samples (documented in the model card)."""
+    normalization: tuple[float, float] = (0.0, 1.0)
+    """Default ``(mean, std)`` used by ``combine(..., normalize=True)`` to put rewards on a common scale."""
+    check_inputs: bool = True
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        """Score validated images (already in the reward's dtype). Subclasses implement this."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, prompts: Prompts = None) -> torch.Tensor:
+        prompt_list = self.validate(images, prompts) if self.check_inputs else _as_list(prompts, len(images))
+        return self.compute(images, prompt_list)
+
+    def validate(self, images: torch.Tensor, prompts: Prompts) -> list[str] | None:
+        """Check images and prompts against the contract; return the prompts as a list (or ``None``)."""
+        check_images(images)
+        prompt_list = _as_list(prompts, images.shape[0])
+        check_prompts(prompt_list, images.shape[0], self.name, self.needs_prompts)
+        return prompt_list
+
+    def compute(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        """Score without validation: move to the reward's dtype, call :meth:`score`, return float32."""
+        state = next((t for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point()), None)
+        if state is not None:
+            if state.device != images.device:
+                raise ValueError(
+                    f"reward '{self.name}' is on {state.device} but the images are on {images.device}; "
+                    f"move one of them, e.g. reward.to(images.device)"
+                )
+            images = images.to(state.dtype)
+        scores = self.score(images, prompts)
+        if scores.shape != (images.shape[0],):
+            raise RuntimeError(
+                f"reward '{self.name}' returned shape {tuple(scores.shape)}; expected ({images.shape[0]},)"
+            )
+        return scores.float()
+
+    def freeze(self) -> Reward:
+        """Eval mode and no parameter gradients: the only trainable input is the image."""
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> Reward:
+        """Rewards always stay in eval mode (deterministic dropout-free scores), even inside a training model."""
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, needs_prompts={self.needs_prompts}, input_size={self.input_size}"
+
+    # Weighted composition: ``0.7 * a + 0.3 * b`` is a CombinedReward.
+    def __mul__(self, weight: float) -> CombinedReward:
+        from rewards.combine import CombinedReward
+
+        return CombinedReward.of(self).scaled(weight)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, divisor: float) -> CombinedReward:
+        return self * (1.0 / divisor)
+
+    def __neg__(self) -> CombinedReward:
+        return self * -1.0
+
+    def __add__(self, other: Reward) -> CombinedReward:
+        from rewards.combine import CombinedReward
+
+        if not isinstance(other, Reward):
+            return NotImplemented
+        return CombinedReward.of(self).plus(CombinedReward.of(other))
+
+    def __radd__(self, other: object) -> CombinedReward:
+        from rewards.combine import CombinedReward
+
+        if isinstance(other, (int, float)) and other == 0:  # lets sum([r1, r2]) work
+            return CombinedReward.of(self)
+        return NotImplemented
+
+    def __sub__(self, other: Reward) -> CombinedReward:
+        if not isinstance(other, Reward):
+            return NotImplemented
+        return self + (-other)
+
+
+def _as_list(prompts: Prompts, batch: int) -> list[str] | None:
+    if prompts is None:
+        return None
+    if isinstance(prompts, str):
+        return [prompts] * batch
+    return list(prompts)
+
+
+def check_images(images: object) -> None:
+    """Raise ``ValueError`` (``TypeError`` for non-tensors) naming what is wrong with an image batch."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor (float NCHW in [0, 1]); got {type(images).__name__}")
+    shape = tuple(images.shape)
+    if images.ndim != 4:
+        hint = " For one image use images.unsqueeze(0)." if images.ndim == 3 else ""
+        raise ValueError(f"images must be 4-D (N, C, H, W); got {images.ndim}-D with shape {shape}.{hint}")
+    if images.shape[1] != 3:
+        hint = " It looks channels-last: use images.permute(0, 3, 1, 2)." if images.shape[-1] == 3 else ""
+        raise ValueError(f"images must have 3 RGB channels in dim 1; got shape {shape}.{hint}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch (N = 0)")
+    if not images.is_floating_point():
+        hint = " For uint8 images in [0, 255] use images.float() / 255." if images.dtype == torch.uint8 else ""
+        raise ValueError(f"images must be a floating-point tensor in [0, 1]; got dtype {images.dtype}.{hint}")
+    lo, hi = (v.item() for v in torch.aminmax(images.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("images contain NaN or Inf values; check the decoder output (e.g. fp16 overflow)")
+    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        if lo >= -1 - RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE:
+            hint = "they look like [-1, 1] (the SD VAE's output): use (images / 2 + 0.5).clamp(0, 1)"
+        elif lo >= -RANGE_TOLERANCE and hi <= 255 + RANGE_TOLERANCE:
+            hint = "they look like [0, 255]: use images / 255"
+        else:
+            hint = "rescale them to [0, 1]"
+        raise ValueError(f"image values must lie in [0, 1]; got min {lo:.4g}, max {hi:.4g}: {hint}")
+
+
+def check_prompts(prompts: list[str] | None, batch: int, name: str, needs_prompts: bool) -> None:
+    """Raise ``ValueError`` if prompts are missing, of the wrong count, or not strings."""
+    if prompts is None:
+        if needs_prompts:
+            raise ValueError(f"reward '{name}' needs prompts: call reward(images, prompts) with one per image")
+        return
+    if len(prompts) != batch:
+        raise ValueError(f"got {len(prompts)} prompts for {batch} images; pass one prompt per image or one str")
+    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts must be strings; got {', '.join(sorted(set(bad)))}")

@@ -1,0 +1,74 @@
+"""CLIP image towers (transformers) shared by the CLIP-based rewards: geometry, tiny test variant, loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from rewards.weights import WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
+
+CLIP_VIT_L_14 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=224,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+"""OpenAI CLIP ViT-L/14 image tower (``openai/clip-vit-large-patch14``)."""
+
+CLIP_VIT_L_14_SOURCE = WeightSource(repo_id="openai/clip-vit-large-patch14")
+
+TEXT_TOWER_KEYS = ("text_model.*", "text_projection.weight", "logit_scale", "*.position_ids")
+"""Keys of a full CLIPModel checkpoint that the image tower does not use (plus legacy position-id buffers)."""
+
+
+def tiny_config(geometry: dict) -> dict:
+    """A 2-layer, 32-wide variant of ``geometry`` with the same patch, image size and projection width, so
+    heads built for the real tower fit it. Used by tests (``tiny=True``); there are no pretrained tiny weights."""
+    return {**geometry, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def read_vision_config(directory: Path) -> CLIPVisionConfig:
+    """The image-tower config of a transformers directory holding a CLIPModel or a CLIP vision model."""
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("model_type") == "clip":
+        vision = dict(config["vision_config"])
+        vision["projection_dim"] = config.get("projection_dim", vision.get("projection_dim"))
+        config = vision
+    return CLIPVisionConfig.from_dict(config)
+
+
+def build_clip_vision(
+    *,
+    reward: str,
+    component: str,
+    geometry: dict,
+    source: WeightSource,
+    pretrained: bool,
+    override: WeightsArg | None,
+    tiny: bool = False,
+) -> CLIPVisionModelWithProjection:
+    """Build a CLIP image tower with projection.
+
+    Random weights at ``geometry`` (or its tiny variant) unless ``pretrained`` or ``override`` asks for
+    weights; a transformers directory brings its own ``config.json``, a single state-dict file is loaded into
+    ``geometry``. Loading is strict, skipping only the text-tower keys of full CLIP checkpoints.
+    """
+    if tiny and pretrained and override is None:
+        raise ValueError(f"reward '{reward}': tiny=True has no pretrained weights; use pretrained=False")
+    config = CLIPVisionConfig(**(tiny_config(geometry) if tiny else geometry))
+    if not pretrained and override is None:
+        return CLIPVisionModelWithProjection(config)
+    path = resolve(reward, component, source, override)
+    if path.is_dir() and (path / "config.json").exists():
+        config = read_vision_config(path)
+    model = CLIPVisionModelWithProjection(config)
+    what = f"checkpoint {path} for '{reward}' component '{component}'"
+    load_state_dict_strict(model, read_state_dict(path), what, ignore=TEXT_TOWER_KEYS)
+    return model

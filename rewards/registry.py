@@ -1,0 +1,127 @@
+"""The reward zoo's registry, in the style of timm: ``@register_reward``, ``get_reward``, ``list_rewards``."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from rewards.base import Reward
+from rewards.weights import MAIN, WeightsArg
+
+Builder = Callable[..., Reward]
+
+
+@dataclass(frozen=True)
+class RewardEntry:
+    """A registered reward: its builder, the names of its weight components and a one-line description."""
+
+    name: str
+    builder: Builder
+    components: tuple[str, ...]
+    description: str
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Keyword options the builder accepts besides ``pretrained`` and ``weights``."""
+        params = inspect.signature(self.builder).parameters
+        return tuple(p for p in params if p not in ("pretrained", "weights"))
+
+
+_REGISTRY: dict[str, RewardEntry] = {}
+
+
+def register_reward(name: str, components: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+    """Register a builder ``fn(pretrained: bool, weights: dict[str, path or hub id], **options) -> Reward``.
+
+    ``components`` names the parts that have weights (e.g. ``("clip", "head")``); a reward with one part uses
+    ``("main",)`` and accepts ``weights=PATH``; a weight-free reward uses ``()``. The builder's docstring's first
+    line is the description shown by ``python -m rewards list``.
+    """
+
+    def decorator(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"reward '{name}' is already registered")
+        doc = inspect.getdoc(builder) or ""
+        _REGISTRY[name] = RewardEntry(name, builder, tuple(components), doc.splitlines()[0] if doc else "")
+        return builder
+
+    return decorator
+
+
+def list_rewards(pattern: str | None = None) -> list[str]:
+    """Sorted names of the registered rewards, optionally filtered by a glob ``pattern`` (e.g. ``"aesthetic*"``)."""
+    names = sorted(_REGISTRY)
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)] if pattern else names
+
+
+def get_entry(name: str) -> RewardEntry:
+    """The registry entry for ``name``; an unknown name raises ``ValueError`` listing close matches."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"unknown reward '{name}'.{hint} Available: {', '.join(list_rewards())} (see list_rewards())."
+        ) from None
+
+
+def get_reward(
+    name: str,
+    pretrained: bool = True,
+    weights: WeightsArg | Mapping[str, WeightsArg] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **options: object,
+) -> Reward:
+    """Build a registered reward.
+
+    Args:
+        name: a name from :func:`list_rewards`.
+        pretrained: load the reference weights (from the Hugging Face cache or hub). ``False`` builds the same
+            architecture with random weights, except the components given in ``weights``.
+        weights: a local file, a local directory in the reference layout, or a hub id; for a reward with several
+            components a dict such as ``{"clip": ..., "head": ...}`` naming the ones to override.
+        device, dtype: where and in which precision to put the reward.
+        options: reward-specific options (e.g. ``target=`` for ``resnet50``, ``tiny=True`` for a small test
+            backbone); an unknown option raises ``ValueError`` listing the accepted ones.
+    """
+    entry = get_entry(name)
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        accepted = ", ".join(entry.options) or "none"
+        raise ValueError(f"reward '{name}' got unknown option(s) {', '.join(unknown)}; accepted options: {accepted}")
+    reward = entry.builder(pretrained=pretrained, weights=_component_weights(entry, weights), **options)
+    reward.name = entry.name
+    reward.freeze()
+    if device is not None or dtype is not None:
+        reward.to(device=device, dtype=dtype)
+    return reward
+
+
+def _component_weights(
+    entry: RewardEntry, weights: WeightsArg | Mapping[str, WeightsArg] | None
+) -> dict[str, WeightsArg]:
+    if weights is None:
+        return {}
+    if not entry.components:
+        raise ValueError(f"reward '{entry.name}' has no weights; do not pass weights=")
+    if not isinstance(weights, Mapping):
+        if entry.components != (MAIN,):
+            raise ValueError(
+                f"reward '{entry.name}' has several weight components ({', '.join(entry.components)}); pass a "
+                f"dict, e.g. weights={{{entry.components[-1]!r}: PATH}}"
+            )
+        return {MAIN: weights}
+    unknown = sorted(set(weights) - set(entry.components))
+    if unknown:
+        raise ValueError(
+            f"reward '{entry.name}' has no weight component(s) {', '.join(unknown)}; its components are "
+            f"{', '.join(entry.components)}"
+        )
+    return dict(weights)

@@ -1,0 +1,148 @@
+"""The Reward contract, checked for every registered reward with random weights."""
+
+import pytest
+import torch
+
+from rewards import Reward, get_reward, list_rewards
+from rewards.registry import get_entry
+
+# Options a reward needs to be built at all (a new reward with a required option must be added here).
+REQUIRED_OPTIONS = {"resnet50": {"target": "cat"}}
+PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse", "a red car"]
+
+
+def variants():
+    """Every registered reward, tiny where offered (the full geometry of those is checked once, below)."""
+    for name in list_rewards():
+        options = dict(REQUIRED_OPTIONS.get(name, {}))
+        if "tiny" in get_entry(name).options:
+            yield pytest.param(name, {**options, "tiny": True}, id=f"{name}-tiny")
+        else:
+            yield pytest.param(name, options, id=name)
+
+
+def full_geometry_variants():
+    for name in list_rewards():
+        if "tiny" in get_entry(name).options:
+            yield pytest.param(name, dict(REQUIRED_OPTIONS.get(name, {})), id=name)
+
+
+@pytest.fixture(scope="module")
+def built():
+    cache = {}
+
+    def build(name, options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = get_reward(name, pretrained=False, **options)
+        return cache[key]
+
+    return build
+
+
+def images(n=3, h=64, w=80):
+    return torch.rand(n, 3, h, w)
+
+
+@pytest.mark.parametrize(("name", "options"), variants())
+def test_gradient_reaches_pixels(built, name, options):
+    reward = built(name, options)
+    x = images().requires_grad_(True)
+    scores = reward(x, PROMPTS)
+    assert scores.shape == (3,) and scores.dtype == torch.float32
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in reward.parameters()), "reward parameters must not receive gradients"
+
+
+@pytest.mark.parametrize(("name", "options"), variants())
+def test_batch_equals_items(built, name, options):
+    reward = built(name, options)
+    x = images()
+    with torch.no_grad():
+        batch = reward(x, PROMPTS)
+        items = torch.cat([reward(x[i : i + 1], PROMPTS[i : i + 1]) for i in range(3)])
+    spread = (batch.max() - batch.min()).item()
+    torch.testing.assert_close(batch, items, rtol=1e-5, atol=1e-6 * max(1.0, abs(batch).max().item()))
+    assert spread > 0, "scores of different images should differ"
+
+
+@pytest.mark.parametrize(("name", "options"), variants())
+def test_frozen_and_metadata(built, name, options):
+    reward = built(name, options)
+    assert isinstance(reward, Reward)
+    assert reward.name == name
+    assert not any(p.requires_grad for p in reward.parameters())
+    reward.train()
+    assert not reward.training and not any(m.training for m in reward.modules())
+    lo, hi = reward.typical_range
+    assert lo < hi
+    assert reward.normalization[1] > 0
+    assert isinstance(reward.needs_prompts, bool)
+    assert reward.input_size is None or reward.input_size > 0
+    assert get_entry(name).description
+
+
+@pytest.mark.parametrize(("name", "options"), variants())
+def test_bfloat16_weights(name, options):
+    reward = get_reward(name, pretrained=False, dtype=torch.bfloat16, **options)
+    x = images(2).requires_grad_(True)
+    scores = reward(x, PROMPTS[:2])
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    reference = get_reward(name, pretrained=False, **options)
+    reference.load_state_dict({k: v.float() for k, v in reward.state_dict().items()})
+    with torch.no_grad():
+        expected = reference(x, PROMPTS[:2])
+    scale = max(1.0, expected.abs().max().item())
+    assert (scores - expected).abs().max().item() < 0.05 * scale
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("name", "options"), variants())
+def test_autocast(built, name, options, amp_dtype):
+    reward = built(name, options)
+    x = images(2).requires_grad_(True)
+    with torch.autocast("cpu", dtype=amp_dtype):
+        scores = reward(x, PROMPTS[:2])
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("name", "options"), variants())
+def test_any_size_and_square(built, name, options):
+    reward = built(name, options)
+    for h, w in [(32, 32), (512, 512), (100, 37)]:
+        scores = reward(torch.rand(1, 3, h, w), PROMPTS[:1])
+        assert scores.shape == (1,) and torch.isfinite(scores).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "options"), full_geometry_variants())
+def test_full_geometry_contract(name, options):
+    """The real architecture (random weights): gradient, batch == items, bf16 autocast, in one build."""
+    reward = get_reward(name, pretrained=False, **options)
+    x = images(2).requires_grad_(True)
+    scores = reward(x, PROMPTS[:2])
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        items = torch.cat([reward(x[i : i + 1], PROMPTS[i : i + 1]) for i in range(2)])
+        torch.testing.assert_close(scores.detach(), items, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = reward(x, PROMPTS[:2])
+    assert torch.isfinite(low).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "options"), variants())
+def test_cuda_autocast(name, options):
+    reward = get_reward(name, pretrained=False, device="cuda", **options)
+    x = torch.rand(2, 3, 512, 512, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        scores = reward(x, PROMPTS[:2])
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -1,0 +1,103 @@
+"""The timm-style registry: get_reward, list_rewards, register_reward, and the list CLI."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rewards import Reward, get_reward, list_rewards, register_reward
+from rewards.__main__ import main
+from rewards.registry import _REGISTRY
+
+
+def test_list_rewards_sorted_and_filtered():
+    names = list_rewards()
+    assert names == sorted(names)
+    assert {"aesthetic", "aesthetic-v1", "resnet50", "brightness", "saturation", "contrast", "target-color"} <= set(
+        names
+    )
+    assert list_rewards("aesthetic*") == ["aesthetic", "aesthetic-v1"]
+    assert list_rewards("no-such-*") == []
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(ValueError, match=r"unknown reward 'aesthetc'.*Did you mean 'aesthetic'"):
+        get_reward("aesthetc")
+
+
+def test_unknown_name_without_close_match_lists_all():
+    with pytest.raises(ValueError, match=r"unknown reward 'zzz'\. Available: aesthetic, "):
+        get_reward("zzz")
+
+
+def test_unknown_option():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) colour; accepted options: color"):
+        get_reward("target-color", colour="red")
+
+
+def test_weight_free_reward_rejects_weights():
+    with pytest.raises(ValueError, match=r"'brightness' has no weights"):
+        get_reward("brightness", weights="x.pth")
+
+
+def test_multi_component_reward_needs_a_dict():
+    with pytest.raises(ValueError, match=r"several weight components \(clip, head\).*weights=\{'head': PATH\}"):
+        get_reward("aesthetic", pretrained=False, weights="head.pth")
+
+
+def test_unknown_component():
+    with pytest.raises(ValueError, match=r"no weight component\(s\) mlp; its components are clip, head"):
+        get_reward("aesthetic", pretrained=False, weights={"mlp": "x"})
+
+
+def test_register_custom_reward_is_one_decorated_function():
+    @register_reward("test-redness")
+    def redness(pretrained=True, weights=None, gain: float = 1.0):
+        """Mean red channel, times a gain."""
+
+        class Redness(Reward):
+            def score(self, images, prompts):
+                return gain * images[:, 0].mean(dim=(1, 2))
+
+        return Redness()
+
+    try:
+        reward = get_reward("test-redness", gain=2.0)
+        x = torch.rand(2, 3, 4, 4)
+        torch.testing.assert_close(reward(x), 2 * x[:, 0].mean(dim=(1, 2)))
+        assert reward.name == "test-redness"
+        assert "test-redness" in list_rewards()
+        with pytest.raises(ValueError, match="already registered"):
+            register_reward("test-redness")(redness)
+    finally:
+        _REGISTRY.pop("test-redness", None)
+
+
+def test_device_and_dtype_arguments():
+    reward = get_reward("resnet50", pretrained=False, target=1, dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in reward.parameters()} == {torch.bfloat16}
+
+
+def test_cli_list(capsys):
+    assert main(["list", "aesthetic*"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["aesthetic", "aesthetic-v1"]
+    assert "CLIP ViT-L/14" in out[0]
+
+
+def test_import_after_install_prints_the_zoo():
+    out = subprocess.run(
+        [sys.executable, "-c", "from rewards import get_reward, list_rewards; print(list_rewards())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'aesthetic'" in out and "'resnet50'" in out
+
+
+def test_other_packages_import():
+    import compose
+    import finetune
+
+    assert compose.__doc__ and finetune.__doc__
