@@ -14,7 +14,10 @@ from rewards.base import Reward
 from rewards.clip import CLIP_VIT_L_14, CLIP_VIT_L_14_SOURCE, build_clip_vision
 from rewards.registry import register_reward
 from rewards.transforms import CLIP_224
-from rewards.weights import WeightsArg, WeightSource, load_component
+from rewards.weights import WeightsArg, WeightsMismatchError, WeightSource, load_component
+
+EMBED_DIM = 768
+"""Width of the projected CLIP ViT-L/14 image embedding that both heads read."""
 
 V2_HEAD_SOURCE = WeightSource(
     url="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth",
@@ -34,7 +37,7 @@ class AestheticMLP(nn.Module):
     The reference code has every ReLU commented out, so in eval mode the head is an affine map.
     """
 
-    def __init__(self, embed_dim: int = 768) -> None:
+    def __init__(self, embed_dim: int = EMBED_DIM) -> None:
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(embed_dim, 1024),
@@ -54,6 +57,7 @@ class AestheticMLP(nn.Module):
 class AestheticReward(Reward):
     """Score = head(normalize(CLIP image embedding of the CLIP-preprocessed image))."""
 
+    name = "aesthetic"
     input_size = 224
     typical_range = (5.0, 6.0)
     normalization = (5.5, 0.5)
@@ -85,6 +89,12 @@ def _build(
         override=weights.get("clip"),
         tiny=tiny,
     )
+    width = clip.config.projection_dim
+    if width != EMBED_DIM:
+        raise WeightsMismatchError(
+            f"reward '{name}': the CLIP checkpoint projects to {width} dimensions but the head expects {EMBED_DIM} "
+            f"(OpenAI CLIP ViT-L/14, e.g. {CLIP_VIT_L_14_SOURCE.repo_id})"
+        )
     load_component(
         head, reward=name, component="head", source=head_source, pretrained=pretrained, override=weights.get("head")
     )
@@ -100,4 +110,4 @@ def aesthetic(pretrained: bool = True, weights: dict[str, WeightsArg] | None = N
 @register_reward("aesthetic-v1", components=("clip", "head"))
 def aesthetic_v1(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None, tiny: bool = False) -> Reward:
     """LAION aesthetic predictor v1: linear head on CLIP ViT-L/14 embeddings, rating 1-10."""
-    return _build("aesthetic-v1", nn.Linear(768, 1), V1_HEAD_SOURCE, pretrained, weights or {}, tiny)
+    return _build("aesthetic-v1", nn.Linear(EMBED_DIM, 1), V1_HEAD_SOURCE, pretrained, weights or {}, tiny)

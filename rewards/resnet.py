@@ -32,7 +32,7 @@ CLASS_GROUPS = {"cat": tuple(range(281, 286)), "dog": tuple(range(151, 269))}
 
 def resolve_classes(target: int | str | Sequence[int | str], categories: Sequence[str]) -> tuple[int, ...]:
     """Class indices for a target given by index, ImageNet class name, group name, or a sequence of those."""
-    if isinstance(target, (int, str)):
+    if isinstance(target, (int, str)) or not isinstance(target, Sequence):
         target = [target]
     lookup: dict[str, list[int]] = {}
     for i, c in enumerate(categories):

@@ -90,10 +90,23 @@ def resolve(reward: str, component: str, source: WeightSource, override: Weights
         arg = repr(local) if component == MAIN else f"{{{component!r}: {local!r}}}"
         raise MissingWeightsError(
             f"cannot load the weights of reward '{reward}' (component '{component}'): {source.describe()} is "
-            f"not in the local cache and could not be downloaded ({type(err).__name__}). On a machine with "
-            f"access run `{source.download_hint()}`, copy DIR here, then use "
-            f"get_reward('{reward}', weights={arg})."
+            f"not in the local cache and could not be downloaded ({_first_line(err)}). On a machine with "
+            f"access run `{source.download_hint()}`, copy DIR to this machine and use "
+            f"get_reward('{reward}', weights={arg}); or fill the cache it is read from ({_cache_of(source)})."
         ) from err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
+
+
+def _cache_of(source: WeightSource) -> str:
+    if source.repo_id:
+        from huggingface_hub import constants
+
+        return f"HF_HUB_CACHE={constants.HF_HUB_CACHE}"
+    return f"{Path(torch.hub.get_dir()) / 'checkpoints' / (source.filename or '')}"
 
 
 def _fetch(source: WeightSource) -> Path:
