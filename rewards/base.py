@@ -60,6 +60,8 @@ class Reward(nn.Module):
 
     def compute(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         """Score without validation: move to the reward's dtype, call :meth:`score`, return float32."""
+        if any(p.requires_grad for p in self.parameters()):  # e.g. a parent module's requires_grad_(True)
+            self.requires_grad_(False)
         state = next((t for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point()), None)
         if state is not None:
             if state.device != images.device:
@@ -140,8 +142,8 @@ def check_images(images: object) -> None:
     if images.shape[1] != 3:
         hint = " It looks channels-last: use images.permute(0, 3, 1, 2)." if images.shape[-1] == 3 else ""
         raise ValueError(f"images must have 3 RGB channels in dim 1; got shape {shape}.{hint}")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch (N = 0)")
+    if images.numel() == 0:
+        raise ValueError(f"images is empty (shape {shape}); expected at least one image of at least 1x1 pixels")
     if not images.is_floating_point():
         hint = " For uint8 images in [0, 255] use images.float() / 255." if images.dtype == torch.uint8 else ""
         raise ValueError(f"images must be a floating-point tensor in [0, 1]; got dtype {images.dtype}.{hint}")

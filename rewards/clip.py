@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from rewards.weights import WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
 
@@ -72,3 +72,24 @@ def build_clip_vision(
     what = f"checkpoint {path} for '{reward}' component '{component}'"
     load_state_dict_strict(model, read_state_dict(path), what, ignore=TEXT_TOWER_KEYS)
     return model
+
+
+def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """OpenAI CLIP's BPE tokenizer as a transformers ``CLIPTokenizer``, built offline from the merges file that
+    open_clip ships (the same vocabulary as ``openai/clip-vit-large-patch14``'s tokenizer files).
+
+    The vocabulary is reconstructed the way OpenAI's ``SimpleTokenizer`` does: 256 byte symbols, the same with
+    an end-of-word marker, one token per merge (48,894 merges), then the start and end tokens: 49,408 in all.
+    """
+    import gzip
+
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.decompress(bpe_path.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(tokens)}, merges=merges, model_max_length=max_length)

@@ -69,19 +69,21 @@ class CombinedReward(Reward):
         return CombinedReward(self.members, weights, self.member_normalization)
 
     def plus(self, other: CombinedReward) -> CombinedReward:
-        """Merge two combinations; the same module appearing twice has its weights added."""
+        """Merge two combinations; the same module with the same normalization has its weights added (with a
+        different normalization it stays a separate term)."""
         members = dict(self.members)
         weights = dict(self.weights)
         normalization = dict(self.member_normalization)
         for key, member in other.members.items():
-            existing = next((k for k, m in members.items() if m is member), None)
+            norm = other.member_normalization[key]
+            existing = next((k for k, m in members.items() if m is member and normalization[k] == norm), None)
             if existing is not None:
                 weights[existing] += other.weights[key]
                 continue
             new_key = _unique_key(key, members)
             members[new_key] = member
             weights[new_key] = other.weights[key]
-            normalization[new_key] = other.member_normalization[key]
+            normalization[new_key] = norm
         return CombinedReward(members, weights, normalization)
 
     def compute(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
@@ -142,7 +144,8 @@ def combine(
 
     ``spec`` is a string ``"aesthetic=0.7,brightness=0.3"``, a mapping or a list of ``(reward, weight)``
     pairs, where each reward is a registered name (built with ``get_reward(name, pretrained, device=...,
-    dtype=...)``) or an already built :class:`Reward` (use this to pass options or weights).
+    dtype=...)``) or an already built :class:`Reward` (use this to pass options or weights; ``device`` and
+    ``dtype`` apply only to rewards built here by name).
 
     ``normalize``: ``False`` for a plain weighted sum; ``True`` to standardise each member with its documented
     ``normalization`` ``(mean, std)``; or a mapping ``{member name: (mean, std)}`` overriding those defaults.

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import nn
 WeightsArg = str | os.PathLike
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRANSFORMERS_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
+_WEIGHT_SUFFIXES = {".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".json"}
 MAIN = "main"
 """Component name of a single-component reward (``weights=PATH`` rather than ``weights={name: PATH}``)."""
 
@@ -77,7 +79,7 @@ def resolve(reward: str, component: str, source: WeightSource, override: Weights
         if path.exists():
             return path
         text = str(override)
-        if not _HUB_ID.match(text):
+        if not _HUB_ID.match(text) or path.suffix in _WEIGHT_SUFFIXES:
             raise MissingWeightsError(
                 f"weights for '{reward}' component '{component}': {text!r} is neither an existing file or "
                 f"directory nor a hub id of the form 'owner/name'"
@@ -92,7 +94,7 @@ def resolve(reward: str, component: str, source: WeightSource, override: Weights
             f"cannot load the weights of reward '{reward}' (component '{component}'): {source.describe()} is "
             f"not in the local cache and could not be downloaded ({_first_line(err)}). On a machine with "
             f"access run `{source.download_hint()}`, copy DIR to this machine and use "
-            f"get_reward('{reward}', weights={arg}); or fill the cache it is read from ({_cache_of(source)})."
+            f"get_reward('{reward}', ..., weights={arg}); or fill the cache it is read from ({_cache_of(source)})."
         ) from err
 
 
@@ -115,7 +117,10 @@ def _fetch(source: WeightSource) -> Path:
 
         if source.filename:
             return Path(hf_hub_download(source.repo_id, source.filename))
-        return Path(snapshot_download(source.repo_id, allow_patterns=list(_TRANSFORMERS_FILES)))
+        snapshot = Path(snapshot_download(source.repo_id, allow_patterns=list(_TRANSFORMERS_FILES)))
+        if not any(snapshot.glob("*.safetensors")):  # offline, a cached snapshot may hold only tokenizer files
+            raise FileNotFoundError(f"cached snapshot {snapshot} holds no *.safetensors weights")
+        return snapshot
     if source.url and source.filename:
         return _fetch_url(source.url, source.filename, source.sha256)
     raise ValueError("WeightSource needs a repo_id, or a url and a filename")
@@ -132,12 +137,16 @@ def _fetch_url(url: str, filename: str, sha256: str | None) -> Path:
     if constants.HF_HUB_OFFLINE:
         raise ConnectionError("offline mode (HF_HUB_OFFLINE=1) and not cached")
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".partial")
-    torch.hub.download_url_to_file(url, str(tmp), progress=True)
-    if sha256 and file_sha256(tmp) != sha256:
-        tmp.unlink()
-        raise ValueError(f"sha256 mismatch for {url}")
-    os.replace(tmp, target)
+    fd, name = tempfile.mkstemp(dir=cache, prefix=f".{filename}.", suffix=".partial")  # one per process
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        if sha256 and file_sha256(tmp) != sha256:
+            raise ValueError(f"sha256 mismatch for {url}: the download is not the reference file")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -157,3 +157,36 @@ def test_offline_error_names_head_file_and_url(tmp_path):
 def test_tiny_has_no_pretrained_weights():
     with pytest.raises(ValueError, match="tiny=True has no pretrained weights"):
         get_reward("aesthetic", tiny=True)
+
+
+def test_vit_l14_geometry_is_the_reference():
+    """Pinned by hand from REWARDS.md (HF config of openai/clip-vit-large-patch14), not from the code's constant."""
+    assert (
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            patch_size=14,
+            image_size=224,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        )
+        == CLIP_VIT_L_14
+    )
+
+
+def test_tiny_score_matches_reference_recipe(tmp_path):
+    """Fast version of the slow ViT-L/14 check (catches a missing L2 normalisation in the default suite)."""
+    vision = {k: v for k, v in tiny_config(CLIP_VIT_L_14).items() if k != "projection_dim"}
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=768)).save_pretrained(tmp_path / "c")
+    head_state = save_random_head(tmp_path / "head.pth")
+    reward = get_reward("aesthetic", pretrained=False, weights={"clip": tmp_path / "c", "head": tmp_path / "head.pth"})
+    images = torch.rand(3, 3, 230, 300)
+    with torch.no_grad():
+        ours = reward(images)
+    expected = reference_score(tmp_path / "c", head_state, images)
+    assert (ours - expected).abs().max().item() < 1e-4
+    assert (expected.max() - expected.min()).item() > 1e-3

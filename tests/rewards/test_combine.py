@@ -121,3 +121,12 @@ def test_spec_bare_name_means_weight_one():
 def test_unknown_member_name_in_combine():
     with pytest.raises(ValueError, match=r"unknown reward 'brightnes'.*Did you mean 'brightness'"):
         combine("brightnes=1")
+
+
+def test_same_module_with_different_normalization_stays_separate(x):
+    bright = get_reward("brightness")
+    mean, std = bright.normalization
+    normalized = combine([(bright, 1.0)], normalize=True)
+    expected = (bright(x) - mean) / std + bright(x)
+    torch.testing.assert_close((normalized + bright)(x), expected)
+    torch.testing.assert_close((bright + normalized)(x), expected)

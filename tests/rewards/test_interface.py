@@ -53,7 +53,14 @@ def test_gradient_reaches_pixels(built, name, options):
     scores.sum().backward()
     assert torch.isfinite(x.grad).all()
     assert x.grad.abs().sum() > 0
-    assert all(p.grad is None for p in reward.parameters()), "reward parameters must not receive gradients"
+
+    # Even when a parent module asks for gradients (e.g. requires_grad_(True) on a model holding the reward).
+    parent = torch.nn.ModuleDict({"reward": reward, "other": torch.nn.Linear(1, 1)})
+    parent.requires_grad_(True)
+    reward(images().requires_grad_(True), PROMPTS).sum().backward()
+    assert parent["other"].weight.requires_grad
+    assert not any(p.requires_grad for p in reward.parameters())
+    assert all(p.grad is None for p in reward.parameters())
 
 
 @pytest.mark.parametrize(("name", "options"), variants())

@@ -124,4 +124,4 @@ def test_offline_error_names_hub_file_and_weights_argument():
         get_reward("resnet50", target="cat")
     message = str(info.value)
     assert "'model.safetensors' of hub repo 'timm/resnet50.tv2_in1k'" in message
-    assert "get_reward('resnet50', weights='DIR/model.safetensors')" in message
+    assert "get_reward('resnet50', ..., weights='DIR/model.safetensors')" in message

@@ -106,7 +106,7 @@ def test_url_download_is_verified_cached_and_atomic(tmp_path, state, online):
     source = WeightSource(url=(tmp_path / "remote.pth").as_uri(), filename="cached-head.pth", sha256=sha)
     path = resolve("r", "head", source, None)
     assert path.name == "cached-head.pth" and file_sha256(path) == sha
-    assert not list(path.parent.glob("*.partial"))
+    assert not list(path.parent.glob("*partial"))
     (tmp_path / "remote.pth").unlink()
     assert resolve("r", "head", source, None) == path  # served from the cache
 
@@ -128,3 +128,38 @@ def test_url_offline_error_names_url_and_file():
     assert "'https://example.org/x/head.pth'" in message
     assert "curl -L -o 'DIR/head.pth'" in message
     assert "weights={'head': 'DIR/head.pth'}" in message
+
+
+def test_missing_relative_path_is_not_taken_for_a_hub_id(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    source = WeightSource(repo_id="owner/model", filename="model.safetensors")
+    with pytest.raises(MissingWeightsError, match=r"'models/resnet50\.pth' is neither an existing file"):
+        resolve("r", "main", source, "models/resnet50.pth")
+
+
+def test_partial_snapshot_in_cache_gives_the_full_offline_error(monkeypatch, tmp_path):
+    """A cached snapshot holding only tokenizer files (common for SD users) is not taken for weights."""
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "tokenizer_config.json").write_text("{}")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snapshot))
+    with pytest.raises(MissingWeightsError) as info:
+        resolve("aesthetic", "clip", WeightSource(repo_id="openai/clip-vit-large-patch14"), None)
+    message = str(info.value)
+    assert "holds no *.safetensors" in message and "hf download openai/clip-vit-large-patch14" in message
+    assert "weights={'clip': 'DIR'}" in message
+
+
+def test_concurrent_url_downloads_do_not_collide(tmp_path, state, online):
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.save(state, tmp_path / "remote.pth")
+    source = WeightSource(
+        url=(tmp_path / "remote.pth").as_uri(), filename="shared.pth", sha256=file_sha256(tmp_path / "remote.pth")
+    )
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: resolve("r", "head", source, None), range(8)))
+    assert len(set(paths)) == 1 and file_sha256(paths[0]) == source.sha256
+    assert not list(paths[0].parent.glob("*.partial"))
