@@ -1,0 +1,83 @@
+"""Atomic checkpoints: everything is written under a temporary name, then renamed into place.
+
+A checkpoint directory ``checkpoints/step_000100/`` holds ``lora.safetensors`` (the trainable parameters),
+``state.pt`` (optimizer, grad scaler, RNG state, counters; read back with ``weights_only=True``) and
+``trainer_state.json`` (the counters, human-readable). ``checkpoints/latest`` names the newest complete one; an
+interrupted save never changes it, so the previous checkpoint stays usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LORA_FILE = "lora.safetensors"
+STATE_FILE = "state.pt"
+META_FILE = "trainer_state.json"
+LATEST = "latest"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_checkpoint(
+    root: Path, step: int, lora: dict[str, torch.Tensor], state: dict[str, Any], meta: dict[str, Any], keep: int
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically, point ``latest`` at it, keep the newest ``keep``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:06d}."))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, str(staging / LORA_FILE))
+        torch.save(state, staging / STATE_FILE)
+        (staging / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, final.name)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or ``None``."""
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / META_FILE).exists() else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """``(lora tensors, state, meta)`` of a checkpoint directory."""
+    lora = load_file(str(path / LORA_FILE))
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    meta = json.loads((path / META_FILE).read_text())
+    return lora, state, meta

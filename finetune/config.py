@@ -1,0 +1,146 @@
+"""Training configuration: one dataclass, saved as and read from YAML; the CLI overrides a file's values."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHOD_NAMES = ("draft", "draft-k", "draft-lv", "refl")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a fine-tuning run needs besides the pipeline and the reward objects.
+
+    Defaults follow the DRaFT setup as reported (50 DDIM steps, guidance 7.5, K = 1, LV n = 2, AdamW, LoRA on the
+    UNet attention projections); learning rate, rank and weight decay are the values unofficial reproductions
+    attribute to the paper.
+    """
+
+    # What to train.
+    model: str | None = None
+    """Hub id or local diffusers directory (CLI only; Python callers pass a pipeline)."""
+    reward: str = "aesthetic"
+    """Reward name or weighted mix ``"aesthetic=1,brightness=0.5"`` (CLI only; Python callers pass a Reward)."""
+    reward_normalize: bool = False
+    method: str = "draft-k"
+    k: int = 1
+    lv_n: int = 2
+    refl_range: tuple[float, float] = (0.75, 1.0)
+    """ReFL: the no-grad prefix stops at a random fraction of the schedule in this range."""
+
+    # Sampling.
+    resolution: int = 512
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+
+    # LoRA.
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    """Defaults to the rank (LoRA scale 1)."""
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    train_text_encoder: bool = False
+
+    # Optimisation.
+    steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: str | None = None
+    """``no``, ``fp16`` or ``bf16``; default bf16 on CUDA, no on CPU."""
+    gradient_checkpointing: bool = True
+    checkpoint_decode: bool = False
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+
+    # Data.
+    prompts: str = "animals"
+    """A built-in prompt set name or a text file with one prompt per line."""
+    eval_prompts: str = "eval"
+    eval_seeds: tuple[int, ...] = (0, 1)
+
+    # Outputs.
+    output_dir: str = "outputs/draft"
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    device: str | None = None
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes kept in training_config.yaml (e.g. the command line)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent setting."""
+        if self.method not in METHOD_NAMES:
+            close = difflib.get_close_matches(self.method, METHOD_NAMES, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown method '{self.method}'.{hint} Choose from {', '.join(METHOD_NAMES)}.")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1; got {self.num_inference_steps}")
+        if self.method == "draft-k" and not 1 <= self.k <= self.num_inference_steps:
+            raise ValueError(
+                f"K = {self.k} must be between 1 and the number of sampling steps ({self.num_inference_steps})"
+            )
+        if self.lv_n < 1:
+            raise ValueError(f"lv_n must be at least 1; got {self.lv_n}")
+        low, high = self.refl_range
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"refl_range must satisfy 0 <= low <= high <= 1; got {self.refl_range}")
+        if self.resolution % 8 != 0 or self.resolution <= 0:
+            raise ValueError(f"resolution {self.resolution} must be a positive multiple of 8 (the VAE's factor)")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}; got {self.mixed_precision}")
+        for name in ("steps", "batch_size", "grad_accum", "lora_rank", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+
+    @property
+    def effective_k(self) -> int:
+        """Number of sampling steps that keep the graph."""
+        return {"draft": self.num_inference_steps, "draft-k": self.k}.get(self.method, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML (atomically)."""
+        from finetune.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            hints = [f"{u} (did you mean {difflib.get_close_matches(u, names, n=1)})" for u in unknown]
+            raise ValueError(f"unknown configuration key(s): {', '.join(hints)}")
+        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**converted)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of settings")
+        return cls.from_dict(values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)

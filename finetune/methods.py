@@ -1,0 +1,91 @@
+"""Reward-gradient methods: each turns (sampler, text conditioning, initial noise) into images that carry the graph.
+
+The trainer scores the returned images with the reward and minimises ``-mean(reward)``; a method decides which
+sampling steps keep the graph:
+
+* ``draft``: every step (full backpropagation through the sampling chain);
+* ``draft-k``: only the last K steps; the first T - K run under ``torch.no_grad``;
+* ``draft-lv``: K = 1 with the low-variance estimator: the final sample is re-noised ``lv_n`` times to the last
+  step's noise level and each copy is denoised once with grad, so the reward gradients are averaged;
+* ``refl``: ReFL: sample without grad to a random step in a late range, then predict x0 in one grad step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from finetune.sampling import Conditioning, Sampler
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """The knobs the methods read (a view of the training configuration)."""
+
+    k: int = 1
+    lv_n: int = 2
+    refl_range: tuple[float, float] = (0.75, 1.0)
+
+
+@dataclass
+class Generated:
+    """Images in [0, 1] still attached to the graph, and the index of the prompt behind each image."""
+
+    images: torch.Tensor
+    prompt_index: torch.Tensor
+
+
+Method = Callable[[Sampler, Conditioning, torch.Tensor, MethodSettings, torch.Generator], Generated]
+
+
+def draft_k(
+    sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, generator
+) -> Generated:
+    """DRaFT-K: no-grad prefix of T - K steps, then K grad steps, decode."""
+    total = len(sampler.timesteps)
+    latents = sampler.denoise(noise, conditioning, 0, total - settings.k, grad=False, generator=generator)
+    latents = sampler.denoise(latents, conditioning, total - settings.k, total, grad=True, generator=generator)
+    return Generated(sampler.decode(latents), torch.arange(len(noise)))
+
+
+def draft(sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, generator):
+    """DRaFT: backpropagate through all T steps (DRaFT-K with K = T)."""
+    full = MethodSettings(len(sampler.timesteps), settings.lv_n, settings.refl_range)
+    return draft_k(sampler, conditioning, noise, full, generator)
+
+
+def draft_lv(
+    sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, generator
+) -> Generated:
+    """DRaFT-LV: sample x0 without grad, re-noise it ``lv_n`` times to the last step's level, denoise each copy once
+    with grad. The images of one prompt's copies are consecutive in the batch."""
+    total = len(sampler.timesteps)
+    with torch.no_grad():
+        x0 = sampler.denoise(noise, conditioning, 0, total, grad=False, generator=generator)
+    n = settings.lv_n
+    x0 = x0.repeat_interleave(n, dim=0)
+    fresh = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    last_t = sampler.timesteps[-1]
+    noisy = sampler.scheduler.add_noise(x0, fresh, last_t.reshape(1))
+    latents = sampler.denoise(noisy, conditioning.repeat(n), total - 1, total, grad=True, generator=generator)
+    return Generated(sampler.decode(latents), torch.arange(len(noise)).repeat_interleave(n))
+
+
+def refl(
+    sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, generator
+) -> Generated:
+    """ReFL: no-grad sampling to a random schedule position in ``refl_range`` (fractions of T), then one grad step
+    whose predicted x0 is decoded and rewarded."""
+    total = len(sampler.timesteps)
+    low = min(math.ceil(settings.refl_range[0] * total), total - 1)
+    high = max(low, min(math.ceil(settings.refl_range[1] * total) - 1, total - 1))
+    stop = int(torch.randint(low, high + 1, (1,), generator=generator))
+    latents = sampler.denoise(noise, conditioning, 0, stop, grad=False, generator=generator)
+    _, x0 = sampler.step(latents, stop, conditioning, generator)
+    return Generated(sampler.decode(x0), torch.arange(len(noise)))
+
+
+METHODS: dict[str, Method] = {"draft": draft, "draft-k": draft_k, "draft-lv": draft_lv, "refl": refl}

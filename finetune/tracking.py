@@ -1,0 +1,64 @@
+"""Run outputs: ``metrics.jsonl`` (one line per step), TensorBoard scalars, and PNG image grids."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from finetune.checkpoint import atomic_write
+
+
+class MetricsLog:
+    """Appends one JSON object per step to ``metrics.jsonl`` and mirrors numeric values to TensorBoard."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool = True) -> None:
+        self.path = output_dir / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def truncate(self, step: int) -> None:
+        """Drop lines after ``step`` (used on resume, so a replayed step is not logged twice)."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, metrics["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
+    """Tile images [N, 3, H, W] in [0, 1] into a PIL image with ``columns`` columns."""
+    n, _, h, w = images.shape
+    rows = math.ceil(n / columns)
+    canvas = torch.ones(3, rows * h, columns * w)
+    for i, image in enumerate(images.detach().float().cpu()):
+        r, c = divmod(i, columns)
+        canvas[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = image
+    array = (canvas.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
+    """Write an image grid as PNG (atomically)."""
+    atomic_write(path, lambda tmp: image_grid(images, columns).save(tmp, format="PNG"))

@@ -1,0 +1,356 @@
+"""The training loop, top to bottom: prompts -> text embeddings -> sampling (no-grad prefix, grad steps) ->
+decode -> reward -> loss -> LoRA update -> metrics, grids, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from peft import LoraConfig
+from tqdm.auto import tqdm
+
+from finetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from finetune.config import TrainConfig
+from finetune.lora import save_lora_weights
+from finetune.methods import METHODS, MethodSettings
+from finetune.pipelines import check_pipeline
+from finetune.prompts import load_prompts
+from finetune.sampling import Conditioning, Sampler, encode_prompts
+from finetune.tracking import MetricsLog, save_grid
+
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+Callback = Callable[["Trainer", dict[str, Any]], None]
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Trainer:
+    """Fine-tunes LoRA adapters of a Stable Diffusion pipeline's UNet (and optionally text encoder) on a reward.
+
+    ``Trainer(pipeline, reward, config).train()``. The pipeline is modified in place (LoRA adapters are added), so
+    after training ``pipeline(prompt)`` samples from the fine-tuned model. ``callbacks`` are called after every
+    step with ``(trainer, metrics)``; set ``trainer.should_stop = True`` in one to end training early.
+    """
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionPipeline,
+        reward: Callable[[torch.Tensor, list[str]], torch.Tensor],
+        config: TrainConfig,
+        prompts: Sequence[str] | None = None,
+        eval_prompts: Sequence[str] | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        check_pipeline(pipeline)
+        config.validate()
+        self.config = config
+        self.pipeline = pipeline
+        self.reward = reward
+        self.callbacks = list(callbacks)
+        self.should_stop = False
+        self.prompts = list(prompts) if prompts is not None else load_prompts(config.prompts)
+        self.eval_prompts = list(eval_prompts) if eval_prompts is not None else load_prompts(config.eval_prompts)
+        if not self.prompts:
+            raise ValueError("no training prompts given")
+        self.output_dir = Path(config.output_dir)
+
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        precision = config.mixed_precision or ("bf16" if self.device.type == "cuda" else "no")
+        self.autocast_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        if config.resolution % self.vae_scale:
+            raise ValueError(f"resolution {config.resolution} is not divisible by the VAE's factor {self.vae_scale}")
+
+        self._add_lora()
+        # Frozen weights in the compute precision on GPU (memory); trainable LoRA weights always in fp32.
+        weight_dtype = self.autocast_dtype if self.device.type == "cuda" and self.autocast_dtype else torch.float32
+        pipeline.to(self.device)
+        if weight_dtype != torch.float32:
+            pipeline.to(dtype=weight_dtype)
+        self.named_params = {
+            f"{prefix}.{name}": p
+            for prefix, module in (("unet", pipeline.unet), ("text_encoder", pipeline.text_encoder))
+            for name, p in module.named_parameters()
+            if p.requires_grad
+        }
+        for p in self.named_params.values():
+            p.data = p.data.float()
+        if isinstance(reward, torch.nn.Module):
+            reward.to(self.device)
+
+        self.optimizer = torch.optim.AdamW(
+            list(self.named_params.values()), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.sampler = Sampler(
+            unet=pipeline.unet,
+            vae=pipeline.vae,
+            scheduler=DDIMScheduler.from_config(pipeline.scheduler.config),
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            eta=config.eta,
+            checkpoint_unet=config.gradient_checkpointing,
+            checkpoint_decode=config.checkpoint_decode,
+        )
+        self.method = METHODS[config.method]
+        self.settings = MethodSettings(config.k, config.lv_n, tuple(config.refl_range))
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.images_seen = 0
+        self.reward_queries = 0
+        self.nonfinite_steps = 0
+        self.consecutive_nonfinite = 0
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _add_lora(self) -> None:
+        config = self.config
+        alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
+        for module in (self.pipeline.unet, self.pipeline.vae, self.pipeline.text_encoder):
+            module.requires_grad_(False)
+        self.pipeline.unet.add_adapter(
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=alpha,
+                init_lora_weights="gaussian",
+                target_modules=list(config.lora_targets),
+            )
+        )
+        if config.train_text_encoder:
+            self.pipeline.text_encoder.add_adapter(
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=list(TEXT_ENCODER_TARGETS),
+                )
+            )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.config.resolution // self.vae_scale
+        return (self.pipeline.unet.config.in_channels, side, side)
+
+    def _conditioning(self, prompts: Sequence[str]) -> Conditioning:
+        with torch.set_grad_enabled(self.config.train_text_encoder and torch.is_grad_enabled()):
+            return encode_prompts(self.pipeline, prompts, self.config.guidance_scale)
+
+    # ------------------------------------------------------------------------------------------------- step
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (``grad_accum`` micro-batches); returns its metrics."""
+        config = self.config
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        all_scores: list[torch.Tensor] = []
+        members: dict[str, list[torch.Tensor]] = {}
+        loss_value = 0.0
+        for _ in range(config.grad_accum):
+            indices = torch.randint(len(self.prompts), (config.batch_size,), generator=self.generator)
+            prompts = [self.prompts[i] for i in indices]
+            noise = torch.randn((config.batch_size, *self.latent_shape), generator=self.generator).to(self.device)
+            try:
+                with self.autocast():
+                    generated = self.method(
+                        self.sampler, self._conditioning(prompts), noise, self.settings, self.generator
+                    )
+                    image_prompts = [prompts[i] for i in generated.prompt_index.tolist()]
+                    scores = self.reward(generated.images, image_prompts)
+                self._check_scores(scores, len(generated.images))
+                loss = -scores.float().mean() / config.grad_accum
+                self.scaler.scale(loss).backward()
+            except torch.OutOfMemoryError as err:
+                raise torch.OutOfMemoryError(
+                    f"out of memory in a {config.method} step (batch {config.batch_size}, K {config.effective_k}, "
+                    f"resolution {config.resolution}): lower --batch-size (use --grad-accum to keep the effective "
+                    f"batch), lower --k, keep gradient checkpointing on and add --checkpoint-decode"
+                ) from err
+            loss_value += loss.item()
+            all_scores.append(scores.detach().float())
+            for key, value in getattr(self.reward, "last_scores", {}).items():
+                members.setdefault(key, []).append(value.float())
+            self.reward_queries += len(scores)
+        self.images_seen += config.batch_size * config.grad_accum
+
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.named_params.values()), config.max_grad_norm))
+        if math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler.is_enabled()):
+            self.scaler.step(self.optimizer)
+            self.consecutive_nonfinite = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
+            warnings.warn(
+                f"step {self.step + 1}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); "
+                f"skipped ({self.consecutive_nonfinite} in a row)",
+                stacklevel=2,
+            )
+        self.scaler.update()
+        self.step += 1
+        if self.consecutive_nonfinite >= config.max_nonfinite_steps:
+            raise TrainingDivergedError(
+                f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{self.step}); stopping. The last good checkpoint is intact: lower --lr, use bf16 instead of fp16, "
+                f"or lower --max-grad-norm, then --resume."
+            )
+
+        scores = torch.cat(all_scores)
+        metrics: dict[str, Any] = {
+            "step": self.step,
+            "reward": scores.mean().item(),
+            "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "loss": loss_value,
+            "grad_norm": grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "sec_per_step": time.perf_counter() - start,
+            "images_seen": self.images_seen,
+            "reward_queries": self.reward_queries,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+        for key, values in members.items():
+            metrics[f"reward/{key}"] = torch.cat(values).mean().item()
+        return metrics
+
+    def _check_scores(self, scores: object, expected: int) -> None:
+        name = getattr(self.reward, "name", type(self.reward).__name__)
+        if not isinstance(scores, torch.Tensor) or scores.shape != (expected,):
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"reward '{name}' returned {shape}; expected a tensor of shape ({expected},)")
+        if not scores.requires_grad:
+            raise ValueError(
+                f"reward '{name}' is not differentiable: its scores carry no gradient to the images (does it use "
+                f"torch.no_grad, .detach(), .item(), numpy or PIL?). DRaFT needs a differentiable reward."
+            )
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        """Images [len(prompts) * len(seeds), 3, H, W] in [0, 1] from the current model: full no-grad sampling
+        with fixed seeds (row-major: every seed of the first prompt, then the next prompt)."""
+        noises = torch.cat(
+            [torch.randn((1, *self.latent_shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        )
+        images = []
+        pairs = [(p, noise) for p in prompts for noise in noises]
+        for start in range(0, len(pairs), self.config.batch_size):
+            chunk = pairs[start : start + self.config.batch_size]
+            noise = torch.stack([n for _, n in chunk]).to(self.device)
+            with self.autocast():
+                conditioning = encode_prompts(self.pipeline, [p for p, _ in chunk], self.config.guidance_scale)
+                latents = self.sampler.denoise(noise, conditioning, 0, len(self.sampler.timesteps), grad=False)
+                images.append(self.sampler.decode(latents).cpu())
+        return torch.cat(images)
+
+    @torch.no_grad()
+    def evaluate(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> dict[str, Any]:
+        """Mean reward on held-out prompts and fixed seeds; returns ``{"eval_reward": ..., "images": ...}``."""
+        prompts = list(prompts if prompts is not None else self.eval_prompts)
+        seeds = list(seeds if seeds is not None else self.config.eval_seeds)
+        images = self.generate(prompts, seeds)
+        image_prompts = [p for p in prompts for _ in seeds]
+        scores = []
+        for start in range(0, len(images), self.config.batch_size):
+            chunk = images[start : start + self.config.batch_size].to(self.device)
+            with self.autocast():
+                scores.append(self.reward(chunk, image_prompts[start : start + len(chunk)]).float().cpu())
+        scores = torch.cat(scores)
+        return {"eval_reward": scores.mean().item(), "eval_reward_std": scores.std().item(), "images": images}
+
+    def _evaluate_and_save(self) -> dict[str, Any]:
+        result = self.evaluate()
+        save_grid(
+            result["images"], self.output_dir / "samples" / f"step_{self.step:06d}.png", len(self.config.eval_seeds)
+        )
+        return {k: v for k, v in result.items() if k != "images"}
+
+    # -------------------------------------------------------------------------------------- checkpointing
+    def save_checkpoint(self) -> Path:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+        meta = {
+            "images_seen": self.images_seen,
+            "reward_queries": self.reward_queries,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+        lora = {name: p.detach() for name, p in self.named_params.items()}
+        return save_checkpoint(
+            self.output_dir / "checkpoints", self.step, lora, state, meta, self.config.keep_checkpoints
+        )
+
+    def resume(self) -> Path:
+        """Restore the latest checkpoint in ``output_dir/checkpoints``."""
+        path = latest_checkpoint(self.output_dir / "checkpoints")
+        if path is None:
+            raise FileNotFoundError(
+                f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}; run without --resume to start fresh"
+            )
+        lora, state, meta = load_checkpoint(path)
+        if set(lora) != set(self.named_params):
+            raise ValueError(
+                f"checkpoint {path} holds different LoRA parameters than this configuration (rank, targets or "
+                f"text-encoder training changed?)"
+            )
+        with torch.no_grad():
+            for name, p in self.named_params.items():
+                p.copy_(lora[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.step = meta["step"]
+        self.images_seen = meta["images_seen"]
+        self.reward_queries = meta["reward_queries"]
+        self.nonfinite_steps = meta["nonfinite_steps"]
+        return path
+
+    def save_lora(self, directory: str | Path | None = None) -> Path:
+        """Write the LoRA so that ``pipeline.load_lora_weights(directory)`` loads it."""
+        return save_lora_weights(self.pipeline, Path(directory or self.output_dir), self.config.train_text_encoder)
+
+    # --------------------------------------------------------------------------------------------- the loop
+    def train(self) -> list[dict[str, Any]]:
+        """Run to ``config.steps``; returns the metrics of every step run."""
+        config = self.config
+        if config.resume:
+            self.resume()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(self.output_dir / "training_config.yaml")
+        log = MetricsLog(self.output_dir)
+        log.truncate(self.step)
+        history = []
+        if self.step == 0:
+            log.log({"step": 0, **self._evaluate_and_save()})
+        bar = tqdm(total=config.steps, initial=self.step, desc=f"{config.method}", unit="step")
+        try:
+            while self.step < config.steps and not self.should_stop:
+                metrics = self.train_step()
+                if self.step % config.eval_every == 0 or self.step == config.steps:
+                    metrics.update(self._evaluate_and_save())
+                log.log(metrics)
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.4g}", s_step=f"{metrics['sec_per_step']:.2f}")
+                for callback in self.callbacks:
+                    callback(self, metrics)
+                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+        self.save_lora()
+        return history

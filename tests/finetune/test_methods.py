@@ -1,0 +1,100 @@
+"""Gradient methods on the tiny pipeline: what gets gradients, DRaFT-K vs DRaFT, LV and ReFL mechanics."""
+
+import pytest
+import torch
+
+from finetune.methods import METHODS, MethodSettings
+from finetune.trainer import Trainer
+from rewards import get_reward
+
+
+def lora_gradient(trainer, method, settings, seed=0):
+    """Gradient of -mean(contrast) w.r.t. every LoRA parameter, for one fixed batch of noise and prompts."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((2, *trainer.latent_shape), generator=generator)
+    conditioning = trainer._conditioning(["a cat", "a dog"])
+    generated = METHODS[method](trainer.sampler, conditioning, noise, settings, generator)
+    (-trainer.reward(generated.images).mean()).backward()
+    return {name: p.grad.clone() for name, p in trainer.named_params.items() if p.grad is not None}
+
+
+@pytest.fixture
+def trainer(tiny_pipeline, tiny_config):
+    trainer = Trainer(tiny_pipeline, get_reward("contrast"), tiny_config)
+    with torch.no_grad():  # move off the zero-initialised LoRA B so every LoRA factor gets a gradient
+        for p in trainer.named_params.values():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return trainer
+
+
+def test_only_lora_parameters_are_trainable(trainer):
+    trainable = [n for n, p in trainer.pipeline.unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    for module in (trainer.pipeline.vae, trainer.pipeline.text_encoder):
+        assert not any(p.requires_grad for p in module.parameters())
+    assert set(trainer.named_params) == {f"unet.{n}" for n in trainable}
+    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert targets == {"to_q", "to_k", "to_v", "0"}  # to_out.0
+
+
+def test_draft_k1_and_draft_differ_and_k_equal_t_is_draft(trainer):
+    total = trainer.config.num_inference_steps
+    g1 = lora_gradient(trainer, "draft-k", MethodSettings(k=1))
+    g_full = lora_gradient(trainer, "draft", MethodSettings())
+    g_kt = lora_gradient(trainer, "draft-k", MethodSettings(k=total))
+    assert g1.keys() == g_full.keys() and len(g1) == len(trainer.named_params)
+    for grads in (g1, g_full):
+        assert all(torch.isfinite(g).all() for g in grads.values())
+    difference = sum((g1[k] - g_full[k]).norm() ** 2 for k in g1) ** 0.5
+    scale = sum(g.norm() ** 2 for g in g_full.values()) ** 0.5
+    assert difference > 1e-3 * scale, "K = 1 must truncate the gradient"
+    for key in g_full:
+        torch.testing.assert_close(g_kt[key], g_full[key], rtol=1e-5, atol=1e-9)
+
+
+def test_checkpointing_gives_the_same_gradients(trainer):
+    settings = MethodSettings(k=2)
+    with_checkpointing = lora_gradient(trainer, "draft-k", settings)
+    trainer.sampler.checkpoint_unet = False
+    trainer.sampler.checkpoint_decode = False
+    plain = lora_gradient(trainer, "draft-k", settings)
+    trainer.sampler.checkpoint_decode = True
+    decode_checkpointed = lora_gradient(trainer, "draft-k", settings)
+    for key in plain:
+        torch.testing.assert_close(with_checkpointing[key], plain[key], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(decode_checkpointed[key], plain[key], rtol=1e-5, atol=1e-9)
+
+
+def test_draft_lv_renoises_n_copies(trainer):
+    noise = torch.randn((2, *trainer.latent_shape))
+    settings = MethodSettings(lv_n=3)
+    generated = METHODS["draft-lv"](
+        trainer.sampler, trainer._conditioning(["a", "b"]), noise, settings, torch.Generator().manual_seed(0)
+    )
+    assert generated.images.shape == (6, 3, 64, 64)
+    assert generated.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    assert generated.images.requires_grad
+    copies = generated.images.detach()
+    assert (copies[0] - copies[1]).abs().max() > 0, "each copy is re-noised independently"
+    grads = lora_gradient(trainer, "draft-lv", settings)
+    assert all(torch.isfinite(g).all() for g in grads.values()) and grads
+
+
+@pytest.mark.parametrize(("low", "high", "expected"), [(0.0, 0.0, {0}), (0.75, 1.0, {3}), (0.5, 1.0, {2, 3})])
+def test_refl_stops_in_the_configured_range(trainer, low, high, expected, monkeypatch):
+    seen = set()
+    denoise = trainer.sampler.denoise
+
+    def spy(latents, conditioning, start, stop, grad, generator=None):
+        seen.add(stop)
+        return denoise(latents, conditioning, start, stop, grad, generator)
+
+    monkeypatch.setattr(trainer.sampler, "denoise", spy)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        noise = torch.randn((1, *trainer.latent_shape))
+        METHODS["refl"](
+            trainer.sampler, trainer._conditioning(["a"]), noise, MethodSettings(refl_range=(low, high)), generator
+        )
+    assert seen == expected
