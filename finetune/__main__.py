@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from finetune.config import METHOD_NAMES, MIXED_PRECISION, TrainConfig
@@ -63,12 +64,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def train(config: TrainConfig) -> None:
+    from finetune.checkpoint import require_checkpoint
     from finetune.pipelines import load_pipeline
     from finetune.trainer import Trainer
     from rewards import combine
 
     if not config.model:
-        raise SystemExit("error: --model is required (a hub id or a local diffusers directory)")
+        raise ValueError("--model is required (a hub id or a local diffusers directory)")
+    if config.resume:  # fail before loading anything large
+        require_checkpoint(Path(config.output_dir) / "checkpoints")
     pipeline = load_pipeline(config.model)
     reward = combine(config.reward, normalize=config.reward_normalize)
     history = Trainer(pipeline, reward, config).train()

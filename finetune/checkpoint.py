@@ -75,6 +75,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path if (path / META_FILE).exists() else None
 
 
+def require_checkpoint(root: Path) -> Path:
+    """The newest complete checkpoint under ``root``; ``FileNotFoundError`` for ``--resume`` when there is none."""
+    path = latest_checkpoint(root)
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {root}; run without --resume to start fresh")
+    return path
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """``(lora tensors, state, meta)`` of a checkpoint directory."""
     lora = load_file(str(path / LORA_FILE))

@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from finetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from finetune.checkpoint import load_checkpoint, require_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
 from finetune.lora import save_lora_weights
 from finetune.methods import METHODS, MethodSettings
@@ -116,6 +116,12 @@ class Trainer:
         alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
         for module in (self.pipeline.unet, self.pipeline.vae, self.pipeline.text_encoder):
             module.requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):  # the LoRA initialisation depends on the seed only
+            torch.manual_seed(config.seed)
+            self._add_adapters(alpha)
+
+    def _add_adapters(self, alpha: float) -> None:
+        config = self.config
         self.pipeline.unet.add_adapter(
             LoraConfig(
                 r=config.lora_rank,
@@ -295,11 +301,7 @@ class Trainer:
 
     def resume(self) -> Path:
         """Restore the latest checkpoint in ``output_dir/checkpoints``."""
-        path = latest_checkpoint(self.output_dir / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(
-                f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}; run without --resume to start fresh"
-            )
+        path = require_checkpoint(self.output_dir / "checkpoints")
         lora, state, meta = load_checkpoint(path)
         if set(lora) != set(self.named_params):
             raise ValueError(
@@ -347,7 +349,8 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics['reward']:.4g}", s_step=f"{metrics['sec_per_step']:.2f}")
                 for callback in self.callbacks:
                     callback(self, metrics)
-                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                due = self.step % config.checkpoint_every == 0 or self.step == config.steps
+                if due and self.consecutive_nonfinite == 0:  # never replace good checkpoints during a NaN streak
                     self.save_checkpoint()
         finally:
             bar.close()

@@ -45,7 +45,7 @@ def test_unknown_size():
 
 
 def test_not_a_stable_diffusion_pipeline():
-    with pytest.raises(ValueError, match="expected a diffusers StableDiffusionPipeline.*got Module"):
+    with pytest.raises(ValueError, match=r"expected a diffusers StableDiffusionPipeline.*got Module"):
         check_pipeline(torch.nn.Module())
 
 
@@ -54,7 +54,7 @@ def test_inpainting_unet_is_refused():
     config = dict(pipeline.unet.config)
     config["in_channels"] = 9
     pipeline.unet = UNet2DConditionModel.from_config(config)
-    with pytest.raises(ValueError, match="not an SD-1.x/2.x text-to-image UNet"):
+    with pytest.raises(ValueError, match=r"not an SD-1\.x/2\.x text-to-image UNet"):
         check_pipeline(pipeline)
 
 
