@@ -1,0 +1,168 @@
+"""Peak memory of one DRaFT training step for K = 1 and K = T, with and without gradient checkpointing.
+
+Each configuration runs in its own process on a random SD-architecture pipeline (``--size``, default ``small``).
+On CPU the figure is the peak resident memory sampled every millisecond during the step, minus the resident
+memory just before it, with glibc returning freed tensors to the OS at once (``CHILD_ENV``); on CUDA it is
+``torch.cuda.max_memory_allocated`` over the step, minus the memory before.
+
+    python benchmarks/peak_memory.py                  # small pipeline, T = 20, batch 1, on this machine's device
+    python benchmarks/peak_memory.py --size tiny --steps 8 --ks 1,4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+"""glibc serves allocations of 64 KiB and more with mmap, so freed tensors leave the resident set at once and the
+resident size tracks live tensor memory (step times are slower than usual because of it)."""
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def release_free_memory() -> None:
+    """Collect garbage and return the allocator's free pages to the OS (glibc), so that the next step's peak is
+    not hidden by memory the previous step freed but the process kept."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakSampler:
+    """Samples resident memory every millisecond in a background thread; ``peak`` is the maximum seen."""
+
+    def __init__(self) -> None:
+        self.peak = resident_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, resident_bytes())
+            time.sleep(0.001)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_bytes())
+
+
+def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, device: str) -> dict:
+    """Peak extra memory (bytes) of the second training step of a fresh trainer (the first warms up)."""
+    import tempfile
+
+    from finetune.config import TrainConfig
+    from finetune.pipelines import PIPELINE_SIZES, build_random_pipeline
+    from finetune.trainer import Trainer
+    from rewards import get_reward
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    config = TrainConfig(
+        method="draft-k",
+        k=k,
+        num_inference_steps=steps,
+        resolution=PIPELINE_SIZES[size]["resolution"],
+        batch_size=batch,
+        gradient_checkpointing=checkpointing,
+        steps=2,
+        output_dir=tempfile.mkdtemp(),
+        device=device,
+        mixed_precision="no",
+    )
+    trainer = Trainer(build_random_pipeline(size), get_reward("contrast"), config, prompts=["a cat"], eval_prompts=[])
+    trainer.train_step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        trainer.train_step()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        release_free_memory()
+        before = resident_bytes()
+        start = time.perf_counter()
+        with PeakSampler() as sampler:
+            trainer.train_step()
+        seconds = time.perf_counter() - start
+        peak = sampler.peak - before
+    return {"k": k, "checkpointing": checkpointing, "peak_bytes": peak, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "sd15"])
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps T")
+    parser.add_argument("--ks", default=None, help="comma-separated K values (default: 1,T)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        k, checkpointing = args.child.split(":")
+        result = measure(args.size, args.steps, int(k), args.batch, checkpointing == "1", args.device)
+        print(json.dumps(result))
+        return
+
+    ks = [int(k) for k in (args.ks or f"1,{args.steps}").split(",")]
+    print(
+        f"peak memory of one DRaFT-K training step: pipeline '{args.size}', T = {args.steps}, batch {args.batch}, "
+        f"device {args.device} ({platform.processor() or platform.machine()}, torch {torch.__version__})"
+    )
+    rows = {}
+    for checkpointing in (True, False):
+        for k in ks:
+            child = [
+                sys.executable,
+                __file__,
+                "--size",
+                args.size,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--device",
+                args.device,
+                "--child",
+                f"{k}:{int(checkpointing)}",
+            ]
+            out = subprocess.run(child, capture_output=True, text=True, check=True, env=CHILD_ENV).stdout
+            out = out.strip().splitlines()[-1]
+            rows[(checkpointing, k)] = json.loads(out)
+    print(f"{'checkpointing':>13} {'K':>4} {'peak MiB':>9} {'s/step':>7} {'vs K=' + str(ks[0]):>8}")
+    for (checkpointing, k), row in rows.items():
+        base = rows[(checkpointing, ks[0])]["peak_bytes"]
+        ratio = row["peak_bytes"] / base if base > 0 else float("nan")
+        print(
+            f"{'on' if checkpointing else 'off':>13} {k:>4} {row['peak_bytes'] / 2**20:>9.1f} "
+            f"{row['seconds']:>7.2f} {ratio:>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
