@@ -69,6 +69,22 @@ class PeakSampler:
         self.peak = max(self.peak, resident_bytes())
 
 
+class SavedTensors(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of distinct storages autograd saves for backward (the graph's activation memory)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: set[int] = set()
+        super().__init__(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return tensor
+
+
 def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, device: str) -> dict:
     """Peak extra memory (bytes) of the second training step of a fresh trainer (the first warms up)."""
     import tempfile
@@ -93,12 +109,14 @@ def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, devi
     )
     trainer = Trainer(build_random_pipeline(size), get_reward("contrast"), config, prompts=["a cat"], eval_prompts=[])
     trainer.train_step()
+    saved = SavedTensors()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         start = time.perf_counter()
-        trainer.train_step()
+        with saved:
+            trainer.train_step()
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() - before
@@ -106,11 +124,11 @@ def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, devi
         release_free_memory()
         before = resident_bytes()
         start = time.perf_counter()
-        with PeakSampler() as sampler:
+        with PeakSampler() as sampler, saved:
             trainer.train_step()
         seconds = time.perf_counter() - start
         peak = sampler.peak - before
-    return {"k": k, "checkpointing": checkpointing, "peak_bytes": peak, "seconds": seconds}
+    return {"k": k, "checkpointing": checkpointing, "peak_bytes": peak, "saved_bytes": saved.bytes, "seconds": seconds}
 
 
 def main() -> None:
@@ -154,13 +172,13 @@ def main() -> None:
             out = subprocess.run(child, capture_output=True, text=True, check=True, env=CHILD_ENV).stdout
             out = out.strip().splitlines()[-1]
             rows[(checkpointing, k)] = json.loads(out)
-    print(f"{'checkpointing':>13} {'K':>4} {'peak MiB':>9} {'s/step':>7} {'vs K=' + str(ks[0]):>8}")
+    print(f"{'checkpointing':>13} {'K':>4} {'peak MiB':>9} {'vs K=' + str(ks[0]):>8} {'saved MiB':>9} {'s/step':>7}")
     for (checkpointing, k), row in rows.items():
         base = rows[(checkpointing, ks[0])]["peak_bytes"]
         ratio = row["peak_bytes"] / base if base > 0 else float("nan")
         print(
-            f"{'on' if checkpointing else 'off':>13} {k:>4} {row['peak_bytes'] / 2**20:>9.1f} "
-            f"{row['seconds']:>7.2f} {ratio:>8.2f}"
+            f"{'on' if checkpointing else 'off':>13} {k:>4} {row['peak_bytes'] / 2**20:>9.1f} {ratio:>8.2f} "
+            f"{row['saved_bytes'] / 2**20:>9.1f} {row['seconds']:>7.2f}"
         )
 
 

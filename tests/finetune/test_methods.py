@@ -98,3 +98,38 @@ def test_refl_stops_in_the_configured_range(trainer, low, high, expected, monkey
             trainer.sampler, trainer._conditioning(["a"]), noise, MethodSettings(refl_range=(low, high)), generator
         )
     assert seen == expected
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes of the distinct storages autograd saves for backward."""
+
+    def __init__(self):
+        self.bytes, self._seen = 0, set()
+        super().__init__(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return tensor
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_saved_activations_flat_in_k_with_checkpointing(trainer, checkpointing):
+    trainer.sampler.checkpoint_unet = checkpointing
+    saved = {}
+    for k in (1, trainer.config.num_inference_steps):
+        with SavedBytes() as counter:
+            noise = torch.randn((2, *trainer.latent_shape))
+            generated = METHODS["draft-k"](
+                trainer.sampler,
+                trainer._conditioning(["a", "b"]),
+                noise,
+                MethodSettings(k=k),
+                torch.Generator().manual_seed(0),
+            )
+            trainer.reward(generated.images)
+        saved[k] = counter.bytes
+    ratio = saved[trainer.config.num_inference_steps] / saved[1]
+    assert ratio < 1.05 if checkpointing else ratio > 1.5
