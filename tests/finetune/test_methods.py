@@ -120,7 +120,8 @@ def test_saved_activations_flat_in_k_with_checkpointing(trainer, checkpointing):
     trainer.sampler.checkpoint_unet = checkpointing
     saved = {}
     for k in (1, trainer.config.num_inference_steps):
-        with SavedBytes() as counter:
+        counter = SavedBytes()
+        with counter:
             noise = torch.randn((2, *trainer.latent_shape))
             generated = METHODS["draft-k"](
                 trainer.sampler,
