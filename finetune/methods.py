@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,25 @@ class MethodSettings:
 
 
 @dataclass
+class BatchRandom:
+    """Random draws for one batch that do not depend on how the global batch is split across processes.
+
+    Every process holds the same generator state. Per-sample noise is drawn for the whole global batch and each
+    process keeps its own rows, so N processes with batch b draw exactly what one process with batch N*b draws,
+    and scalar draws (ReFL's stopping step) agree on every rank. (DDIM noise for ``eta > 0`` is drawn per process.)
+    """
+
+    generator: torch.Generator
+    global_batch: int
+    rows: slice = field(default_factory=lambda: slice(None))
+
+    def normal(self, shape: tuple[int, ...], copies: int = 1) -> torch.Tensor:
+        """Standard normal noise [local batch * copies, *shape] (the copies of one sample are consecutive)."""
+        draw = torch.randn((self.global_batch, copies, *shape), generator=self.generator)
+        return draw[self.rows].flatten(0, 1)
+
+
+@dataclass
 class Generated:
     """Images in [0, 1] still attached to the graph, and the index of the prompt behind each image."""
 
@@ -38,53 +57,55 @@ class Generated:
     prompt_index: torch.Tensor
 
 
-Method = Callable[[Sampler, Conditioning, torch.Tensor, MethodSettings, torch.Generator], Generated]
+Method = Callable[[Sampler, Conditioning, torch.Tensor, MethodSettings, BatchRandom], Generated]
 
 
 def draft_k(
-    sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, generator
+    sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, rng: BatchRandom
 ) -> Generated:
     """DRaFT-K: no-grad prefix of T - K steps, then K grad steps, decode."""
     total = len(sampler.timesteps)
-    latents = sampler.denoise(noise, conditioning, 0, total - settings.k, grad=False, generator=generator)
-    latents = sampler.denoise(latents, conditioning, total - settings.k, total, grad=True, generator=generator)
+    latents = sampler.denoise(noise, conditioning, 0, total - settings.k, grad=False, generator=rng.generator)
+    latents = sampler.denoise(latents, conditioning, total - settings.k, total, grad=True, generator=rng.generator)
     return Generated(sampler.decode(latents), torch.arange(len(noise)))
 
 
-def draft(sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, generator):
+def draft(
+    sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, rng: BatchRandom
+) -> Generated:
     """DRaFT: backpropagate through all T steps (DRaFT-K with K = T)."""
     full = MethodSettings(len(sampler.timesteps), settings.lv_n, settings.refl_range)
-    return draft_k(sampler, conditioning, noise, full, generator)
+    return draft_k(sampler, conditioning, noise, full, rng)
 
 
 def draft_lv(
-    sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, generator
+    sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, rng: BatchRandom
 ) -> Generated:
     """DRaFT-LV: sample x0 without grad, re-noise it ``lv_n`` times to the last step's level, denoise each copy once
     with grad. The images of one prompt's copies are consecutive in the batch."""
     total = len(sampler.timesteps)
     with torch.no_grad():
-        x0 = sampler.denoise(noise, conditioning, 0, total, grad=False, generator=generator)
+        x0 = sampler.denoise(noise, conditioning, 0, total, grad=False, generator=rng.generator)
     n = settings.lv_n
     x0 = x0.repeat_interleave(n, dim=0)
-    fresh = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    fresh = rng.normal(tuple(x0.shape[1:]), copies=n).to(x0.device, x0.dtype)
     last_t = sampler.timesteps[-1]
     noisy = sampler.scheduler.add_noise(x0, fresh, last_t.reshape(1))
-    latents = sampler.denoise(noisy, conditioning.repeat(n), total - 1, total, grad=True, generator=generator)
+    latents = sampler.denoise(noisy, conditioning.repeat(n), total - 1, total, grad=True, generator=rng.generator)
     return Generated(sampler.decode(latents), torch.arange(len(noise)).repeat_interleave(n))
 
 
 def refl(
-    sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, generator
+    sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, rng: BatchRandom
 ) -> Generated:
     """ReFL: no-grad sampling to a random schedule position in ``refl_range`` (fractions of T), then one grad step
     whose predicted x0 is decoded and rewarded."""
     total = len(sampler.timesteps)
     low = min(math.ceil(settings.refl_range[0] * total), total - 1)
     high = max(low, min(math.ceil(settings.refl_range[1] * total) - 1, total - 1))
-    stop = int(torch.randint(low, high + 1, (1,), generator=generator))
-    latents = sampler.denoise(noise, conditioning, 0, stop, grad=False, generator=generator)
-    _, x0 = sampler.step(latents, stop, conditioning, generator)
+    stop = int(torch.randint(low, high + 1, (1,), generator=rng.generator))
+    latents = sampler.denoise(noise, conditioning, 0, stop, grad=False, generator=rng.generator)
+    _, x0 = sampler.step(latents, stop, conditioning, rng.generator)
     return Generated(sampler.decode(x0), torch.arange(len(noise)))
 
 

@@ -16,10 +16,11 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
+from finetune import distributed
 from finetune.checkpoint import load_checkpoint, require_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
 from finetune.lora import save_lora_weights
-from finetune.methods import METHODS, MethodSettings
+from finetune.methods import METHODS, BatchRandom, MethodSettings
 from finetune.pipelines import check_pipeline
 from finetune.prompts import load_prompts
 from finetune.sampling import Conditioning, Sampler, encode_prompts
@@ -63,7 +64,11 @@ class Trainer:
             raise ValueError("no training prompts given")
         self.output_dir = Path(config.output_dir)
 
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world, self.device = distributed.setup(device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         precision = config.mixed_precision or ("bf16" if self.device.type == "cuda" else "no")
         self.autocast_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -163,15 +168,15 @@ class Trainer:
         all_scores: list[torch.Tensor] = []
         members: dict[str, list[torch.Tensor]] = {}
         loss_value = 0.0
+        batch = config.batch_size
         for _ in range(config.grad_accum):
-            indices = torch.randint(len(self.prompts), (config.batch_size,), generator=self.generator)
+            rng = BatchRandom(self.generator, batch * self.world, slice(self.rank * batch, (self.rank + 1) * batch))
+            indices = torch.randint(len(self.prompts), (rng.global_batch,), generator=self.generator)[rng.rows]
             prompts = [self.prompts[i] for i in indices]
-            noise = torch.randn((config.batch_size, *self.latent_shape), generator=self.generator).to(self.device)
+            noise = rng.normal(self.latent_shape).to(self.device)
             try:
                 with self.autocast():
-                    generated = self.method(
-                        self.sampler, self._conditioning(prompts), noise, self.settings, self.generator
-                    )
+                    generated = self.method(self.sampler, self._conditioning(prompts), noise, self.settings, rng)
                     image_prompts = [prompts[i] for i in generated.prompt_index.tolist()]
                     scores = self.reward(generated.images, image_prompts)
                 self._check_scores(scores, len(generated.images))
@@ -184,11 +189,13 @@ class Trainer:
                     f"batch), lower --k, keep gradient checkpointing on and add --checkpoint-decode"
                 ) from err
             loss_value += loss.item()
-            all_scores.append(scores.detach().float())
+            all_scores.append(distributed.gather(scores.detach().float()))
             for key, value in getattr(self.reward, "last_scores", {}).items():
-                members.setdefault(key, []).append(value.float())
-            self.reward_queries += len(scores)
-        self.images_seen += config.batch_size * config.grad_accum
+                members.setdefault(key, []).append(distributed.gather(value.float()))
+            self.reward_queries += len(scores) * self.world
+        self.images_seen += batch * self.world * config.grad_accum
+        loss_value = distributed.gather(torch.tensor([loss_value], device=self.device)).mean().item()
+        distributed.average_gradients(self.named_params.values())
 
         self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.named_params.values()), config.max_grad_norm))
@@ -330,30 +337,36 @@ class Trainer:
         config = self.config
         if config.resume:
             self.resume()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(self.output_dir / "training_config.yaml")
-        log = MetricsLog(self.output_dir)
-        log.truncate(self.step)
+        main = self.rank == 0
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.output_dir / "training_config.yaml")
+        log = MetricsLog(self.output_dir) if main else None
         history = []
-        if self.step == 0:
-            log.log({"step": 0, **self._evaluate_and_save()})
-        bar = tqdm(total=config.steps, initial=self.step, desc=f"{config.method}", unit="step")
+        if log is not None:
+            log.truncate(self.step)
+            if self.step == 0:
+                log.log({"step": 0, **self._evaluate_and_save()})
+        bar = tqdm(total=config.steps, initial=self.step, desc=config.method, unit="step", disable=not main)
         try:
             while self.step < config.steps and not self.should_stop:
                 metrics = self.train_step()
-                if self.step % config.eval_every == 0 or self.step == config.steps:
-                    metrics.update(self._evaluate_and_save())
-                log.log(metrics)
+                if log is not None:
+                    if self.step % config.eval_every == 0 or self.step == config.steps:
+                        metrics.update(self._evaluate_and_save())
+                    log.log(metrics)
                 history.append(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.4g}", s_step=f"{metrics['sec_per_step']:.2f}")
                 for callback in self.callbacks:
                     callback(self, metrics)
                 due = self.step % config.checkpoint_every == 0 or self.step == config.steps
-                if due and self.consecutive_nonfinite == 0:  # never replace good checkpoints during a NaN streak
+                if main and due and self.consecutive_nonfinite == 0:  # keep good checkpoints through a NaN streak
                     self.save_checkpoint()
         finally:
             bar.close()
-            log.close()
-        self.save_lora()
+            if log is not None:
+                log.close()
+        if main:
+            self.save_lora()
         return history

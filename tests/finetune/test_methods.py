@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from finetune.methods import METHODS, MethodSettings
+from finetune.methods import METHODS, BatchRandom, MethodSettings
 from finetune.trainer import Trainer
 from rewards import get_reward
 
@@ -14,7 +14,7 @@ def lora_gradient(trainer, method, settings, seed=0):
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((2, *trainer.latent_shape), generator=generator)
     conditioning = trainer._conditioning(["a cat", "a dog"])
-    generated = METHODS[method](trainer.sampler, conditioning, noise, settings, generator)
+    generated = METHODS[method](trainer.sampler, conditioning, noise, settings, BatchRandom(generator, 2))
     (-trainer.reward(generated.images).mean()).backward()
     return {name: p.grad.clone() for name, p in trainer.named_params.items() if p.grad is not None}
 
@@ -70,7 +70,7 @@ def test_draft_lv_renoises_n_copies(trainer):
     noise = torch.randn((2, *trainer.latent_shape))
     settings = MethodSettings(lv_n=3)
     generated = METHODS["draft-lv"](
-        trainer.sampler, trainer._conditioning(["a", "b"]), noise, settings, torch.Generator().manual_seed(0)
+        trainer.sampler, trainer._conditioning(["a", "b"]), noise, settings, BatchRandom(torch.Generator(), 2)
     )
     assert generated.images.shape == (6, 3, 64, 64)
     assert generated.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
@@ -94,9 +94,8 @@ def test_refl_stops_in_the_configured_range(trainer, low, high, expected, monkey
     generator = torch.Generator().manual_seed(0)
     for _ in range(12):
         noise = torch.randn((1, *trainer.latent_shape))
-        METHODS["refl"](
-            trainer.sampler, trainer._conditioning(["a"]), noise, MethodSettings(refl_range=(low, high)), generator
-        )
+        settings = MethodSettings(refl_range=(low, high))
+        METHODS["refl"](trainer.sampler, trainer._conditioning(["a"]), noise, settings, BatchRandom(generator, 1))
     assert seen == expected
 
 
@@ -128,7 +127,7 @@ def test_saved_activations_flat_in_k_with_checkpointing(trainer, checkpointing):
                 trainer._conditioning(["a", "b"]),
                 noise,
                 MethodSettings(k=k),
-                torch.Generator().manual_seed(0),
+                BatchRandom(torch.Generator(), 2),
             )
             trainer.reward(generated.images)
         saved[k] = counter.bytes
