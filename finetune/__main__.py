@@ -37,6 +37,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "mixed_precision": dict(choices=MIXED_PRECISION, help="default: bf16 on CUDA, no on CPU"),
     "gradient_checkpointing": dict(action=argparse.BooleanOptionalAction),
     "checkpoint_decode": dict(action=argparse.BooleanOptionalAction, help="checkpoint the VAE decode too"),
+    "checkpoint_reward": dict(action=argparse.BooleanOptionalAction, help="checkpoint the reward model too"),
     "output_dir": dict(),
     "eval_every": dict(type=int),
     "checkpoint_every": dict(type=int),

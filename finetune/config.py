@@ -60,6 +60,8 @@ class TrainConfig:
     """``no``, ``fp16`` or ``bf16``; default bf16 on CUDA, no on CPU."""
     gradient_checkpointing: bool = True
     checkpoint_decode: bool = False
+    checkpoint_reward: bool = False
+    """Recompute the reward's forward pass during backward instead of keeping its activations."""
     max_nonfinite_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from finetune import distributed
@@ -178,7 +179,7 @@ class Trainer:
                 with self.autocast():
                     generated = self.method(self.sampler, self._conditioning(prompts), noise, self.settings, rng)
                     image_prompts = [prompts[i] for i in generated.prompt_index.tolist()]
-                    scores = self.reward(generated.images, image_prompts)
+                    scores = self._score(generated.images, image_prompts)
                 self._check_scores(scores, len(generated.images))
                 loss = -scores.float().mean() / config.grad_accum
                 self.scaler.scale(loss).backward()
@@ -236,6 +237,11 @@ class Trainer:
         for key, values in members.items():
             metrics[f"reward/{key}"] = torch.cat(values).mean().item()
         return metrics
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if self.config.checkpoint_reward:
+            return checkpoint(self.reward, images, prompts, use_reentrant=False)
+        return self.reward(images, prompts)
 
     def _check_scores(self, scores: object, expected: int) -> None:
         name = getattr(self.reward, "name", type(self.reward).__name__)

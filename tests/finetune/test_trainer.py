@@ -280,3 +280,54 @@ def test_random_pipeline_trains_without_saving(tmp_path, tiny_config):
     """The public random-pipeline helper feeds the trainer directly (no save/load needed)."""
     trainer = Trainer(build_random_pipeline("tiny"), get_reward("brightness"), tiny_config)
     assert torch.isfinite(torch.tensor(trainer.train_step()["loss"]))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_are_finite(tiny_pipeline, tiny_config, precision):
+    trainer = Trainer(tiny_pipeline, get_reward("contrast"), tiny_config.replace(mixed_precision=precision))
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    assert all(p.dtype == torch.float32 for p in trainer.named_params.values())
+    metrics = [trainer.train_step() for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor([m["loss"], m["reward"]])).all() for m in metrics)
+    assert metrics[-1]["nonfinite_steps"] == 0
+
+
+def test_text_encoder_lora(tiny_pipeline, tiny_config, tmp_path):
+    trainer = Trainer(tiny_pipeline, get_reward("contrast"), tiny_config.replace(train_text_encoder=True))
+    assert any(name.startswith("text_encoder.") for name in trainer.named_params)
+    trainer.train_step()
+    grads = [p.grad for name, p in trainer.named_params.items() if name.startswith("text_encoder.")]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    path = trainer.save_lora(tmp_path / "lora")
+    fresh = build_random_pipeline("tiny")
+    fresh.load_lora_weights(path.parent)
+    assert any("lora" in name for name, _ in fresh.text_encoder.named_parameters())
+
+
+def test_reward_checkpointing_gives_the_same_update(tiny_model_dir, tiny_config):
+    updates = []
+    for checkpoint_reward in (False, True):
+        torch.manual_seed(0)  # the same random reward weights for both runs
+        trainer = Trainer(
+            load_pipeline(tiny_model_dir),
+            get_reward("resnet50", pretrained=False, target="cat"),
+            tiny_config.replace(checkpoint_reward=checkpoint_reward),
+        )
+        trainer.train_step()
+        updates.append({k: p.detach().clone() for k, p in trainer.named_params.items()})
+    for key in updates[0]:
+        torch.testing.assert_close(updates[1][key], updates[0][key], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_counts_every_micro_batch(tiny_pipeline, tiny_config):
+    trainer = Trainer(tiny_pipeline, get_reward("contrast"), tiny_config.replace(grad_accum=3, batch_size=1))
+    metrics = trainer.train_step()
+    assert metrics["images_seen"] == 3 and metrics["reward_queries"] == 3
+    assert torch.isfinite(torch.tensor(metrics["grad_norm"]))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_step(tiny_model_dir, tiny_config):
+    trainer = Trainer(load_pipeline(tiny_model_dir), get_reward("contrast"), tiny_config.replace(device="cuda"))
+    assert trainer.autocast_dtype == torch.bfloat16 and trainer.pipeline.unet.dtype == torch.bfloat16
+    assert torch.isfinite(torch.tensor(trainer.train_step()["loss"]))
