@@ -1,0 +1,94 @@
+"""LoRA file formats: detection, reading and writing. One module per format, each with ``read`` and ``write``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from compose.lora import LoRA
+
+UNSUPPORTED = {
+    "lora_mid": "LoCon with a Tucker mid factor (lora_mid)",
+    "hada_": "LoHa",
+    "lokr_": "LoKr",
+    "dora_scale": "DoRA",
+    "lora_magnitude_vector": "DoRA",
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
+    """Tensors and the str->str header of a safetensors file, with a clear error for anything else."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    except Exception as err:
+        raise ValueError(_unreadable(path, err)) from err
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    return f"{path} is not a readable safetensors file ({err}); is it corrupt or truncated?"
+
+
+def export_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def refuse_unsupported(keys, path: Path) -> None:
+    for key in keys:
+        for marker, kind in UNSUPPORTED.items():
+            if marker in key:
+                raise ValueError(
+                    f"{path} is a {kind} adapter (key {key!r}), not a plain LoRA; it cannot be mixed exactly. "
+                    f"Convert it to a plain LoRA (e.g. by SVD of its weight deltas) first."
+                )
+
+
+def detect(path: Path) -> str:
+    """``kohya``, ``diffusers`` or ``peft`` (a directory with adapter_config.json)."""
+    if path.is_dir():
+        if (path / "adapter_config.json").exists():
+            return "peft"
+        if (path / "pytorch_lora_weights.safetensors").exists():
+            return "diffusers"
+        raise ValueError(f"{path} holds neither adapter_config.json (peft) nor pytorch_lora_weights.safetensors")
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as err:
+        raise ValueError(_unreadable(path, err)) from err
+    if keys and all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        return "kohya"
+    if keys and all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
+        return "diffusers"
+    raise ValueError(f"{path}: unrecognised LoRA key layout (first keys: {keys[:3]})")
+
+
+def load_lora(path: str | Path) -> LoRA:
+    """Read a LoRA in any supported format (detected from the file)."""
+    from compose.formats import diffusers, kohya, peft
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such LoRA file or directory: {path}")
+    reader = {"kohya": kohya.read, "diffusers": diffusers.read, "peft": peft.read}[detect(path)]
+    return reader(path)
+
+
+def save_lora(lora: LoRA, path: str | Path, format: str = "kohya", dtype: str = "fp32", recipe: dict | None = None):
+    """Write ``lora`` atomically as ``kohya`` (UIs) or ``diffusers`` (``pipeline.load_lora_weights``)."""
+    from compose.formats import diffusers, kohya
+
+    writers = {"kohya": kohya.write, "diffusers": diffusers.write}
+    if format not in writers:
+        raise ValueError(f"unknown export format {format!r}; choose kohya or diffusers")
+    path = Path(path)
+    if format == "diffusers" and path.suffix != ".safetensors":
+        path = path / "pytorch_lora_weights.safetensors"
+    writers[format](lora, path, dtype, json.dumps(recipe) if recipe else None)
+    return path
