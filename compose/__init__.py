@@ -1,4 +1,14 @@
-"""LoRA arithmetic and export: weighted sums and scaling of adapters, written for diffusers and SD UIs.
+"""LoRA arithmetic and export: exact weighted sums and scaling of adapters, written for diffusers and SD UIs.
 
-The operations arrive in a later release; this package depends on neither ``rewards`` nor ``finetune``.
+    from compose import load_lora, mix, save_lora
+    mixed = mix([load_lora("pickscore.safetensors"), load_lora("hps.safetensors")], [0.7, 0.5])
+    save_lora(mixed, "mixed.safetensors", format="kohya")      # AUTOMATIC1111, ComfyUI, Forge, diffusers
+
+This package depends on neither ``rewards`` nor ``finetune``.
 """
+
+from compose.formats import load_lora, save_lora
+from compose.lora import LoRA, LoRAModule
+from compose.ops import EnergyReport, mix, scale, svd_rerank
+
+__all__ = ["EnergyReport", "LoRA", "LoRAModule", "load_lora", "mix", "save_lora", "scale", "svd_rerank"]

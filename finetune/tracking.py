@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finetune.checkpoint import atomic_write
+from compose.files import atomic_write
 
 
 class MetricsLog:

@@ -260,3 +260,28 @@ def test_kohya_metadata(tmp_path, sources):
     assert header["ss_base_model_version"] == "sd_v1" and header["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert json.loads(header["draft.merge_recipe"])["weights"] == list(WEIGHTS)
     assert alphas == {12.0}
+
+
+def test_cli_mix_scale_inspect(sources, tmp_path, capsys):
+    from compose.__main__ import main
+
+    a, b = sources
+    out = tmp_path / "mixed.safetensors"
+    assert main(["mix", f"{a}=0.7", f"{b}=-0.3", "-o", str(out)]) == 0
+    expected = mix([load_lora(a), load_lora(b)], WEIGHTS)
+    loaded = load_lora(out)
+    for name, module in expected.modules.items():
+        torch.testing.assert_close(loaded.modules[name].delta(), module.delta(), rtol=1e-5, atol=1e-7)
+
+    assert main(["mix", f"{a}=1", "-o", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["scale", str(out), "--by", "0.5", "-o", str(out)]) == 2
+    assert "is one of the inputs; pass --overwrite" in capsys.readouterr().err
+
+    half = tmp_path / "half"
+    assert main(["scale", str(out), "--by", "0.5", "-o", str(half), "--format", "diffusers", "--rank", "4"]) == 0
+    assert "of the energy kept overall" in capsys.readouterr().err
+    info_code = main(["inspect", str(half / "pytorch_lora_weights.safetensors")])
+    info = json.loads(capsys.readouterr().out)
+    assert info_code == 0 and info["format"] == "diffusers" and info["ranks"] == [4]
+    assert json.loads(info["metadata"]["draft.merge_recipe"])["svd_rank"] == 4

@@ -1,0 +1,88 @@
+"""Command line: ``python -m compose mix|scale|inspect``.
+
+python -m compose mix A.safetensors=0.7 B.safetensors=-0.3 -o mixed.safetensors [--rank R] [--format kohya]
+python -m compose scale IN -o OUT --by 0.5
+python -m compose inspect FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from compose.formats import detect, load_lora, save_lora
+from compose.lora import LoRA
+from compose.ops import mix, svd_rerank
+
+
+def parse_weighted(spec: str) -> tuple[Path, float]:
+    """``PATH=WEIGHT`` (the last ``=`` separates; a bare path means weight 1)."""
+    path, sep, weight = spec.rpartition("=")
+    if not sep:
+        return Path(spec), 1.0
+    try:
+        return Path(path), float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad weight in {spec!r}; expected PATH=NUMBER") from None
+
+
+def write(lora: LoRA, args: argparse.Namespace, inputs: list[Path], recipe: dict) -> None:
+    output = Path(args.output)
+    if not args.overwrite and any(output.resolve() == p.resolve() for p in inputs):
+        raise ValueError(f"output {output} is one of the inputs; pass --overwrite to replace it")
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"{output} exists; pass --overwrite to replace it")
+    if args.rank:
+        lora, report = svd_rerank(lora, args.rank)
+        recipe["svd_rank"] = args.rank
+        recipe["energy_kept"] = round(report.overall, 6)
+        print(f"SVD to rank {args.rank}: {100 * report.overall:.2f}% of the energy kept overall", file=sys.stderr)
+        worst = sorted(report.per_module.items(), key=lambda item: item[1])[:3]
+        for name, kept in worst:
+            print(f"  {100 * kept:6.2f}%  {name}", file=sys.stderr)
+    path = save_lora(lora, output, args.format, args.dtype, recipe)
+    print(f"wrote {path} ({args.format}, {args.dtype}, {len(lora.modules)} modules)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m compose", description="Exact LoRA arithmetic and export.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("mix", "scale"):
+        sub = commands.add_parser(name)
+        if name == "mix":
+            sub.add_argument("inputs", nargs="+", type=parse_weighted, help="LoRA files as PATH=WEIGHT")
+        else:
+            sub.add_argument("input", type=Path)
+            sub.add_argument("--by", type=float, required=True, help="0 = base model, 1 = the LoRA")
+        sub.add_argument("-o", "--output", required=True)
+        sub.add_argument("--format", choices=("kohya", "diffusers"), default="kohya")
+        sub.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+        sub.add_argument("--rank", type=int, default=None, help="re-factorise to this rank by SVD (lossy)")
+        sub.add_argument("--overwrite", action="store_true", help="allow replacing an existing file")
+    inspect = commands.add_parser("inspect")
+    inspect.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "inspect":
+            lora = load_lora(args.file)
+            info = {"format": detect(args.file), **lora.summary(), "metadata": lora.metadata}
+            print(json.dumps(info, indent=2, default=str))
+        elif args.command == "mix":
+            paths = [p for p, _ in args.inputs]
+            weights = [w for _, w in args.inputs]
+            recipe = {"method": "concat", "inputs": [str(p) for p in paths], "weights": weights}
+            write(mix([load_lora(p) for p in paths], weights), args, paths, recipe)
+        else:
+            recipe = {"method": "scale", "inputs": [str(args.input)], "weights": [args.by]}
+            write(mix([load_lora(args.input)], [args.by]), args, [args.input], recipe)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
