@@ -285,3 +285,23 @@ def test_cli_mix_scale_inspect(sources, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info_code == 0 and info["format"] == "diffusers" and info["ranks"] == [4]
     assert json.loads(info["metadata"]["draft.merge_recipe"])["svd_rank"] == 4
+
+
+def test_reads_a_peft_adapter_directory(tmp_path):
+    from peft import get_peft_model
+
+    unet = build_random_pipeline("tiny").unet
+    torch.manual_seed(3)
+    config = LoraConfig(
+        r=2, lora_alpha=6, init_lora_weights=False, target_modules=["to_q"], alpha_pattern={"attn2.to_q": 1}
+    )
+    model = get_peft_model(unet, config)
+    model.save_pretrained(tmp_path / "adapter")
+    lora = load_lora(tmp_path / "adapter")
+    layers = {n: m for n, m in model.base_model.model.named_modules() if n.endswith("to_q")}
+    assert set(lora.modules) == {f"unet.{n}" for n in layers}
+    for name, layer in layers.items():
+        torch.testing.assert_close(
+            lora.modules[f"unet.{name}"].delta(), layer.get_delta_weight("default"), rtol=1e-5, atol=1e-7
+        )
+    assert {m.alpha for m in lora.modules.values()} == {6.0, 1.0}
