@@ -1,16 +1,22 @@
 """kohya-ss / AUTOMATIC1111 LoRA files, which AUTOMATIC1111, Forge, ComfyUI, InvokeAI and diffusers all read.
 
-Key grammar: ``<prefix>_<module path with every "." replaced by "_">`` + ``.lora_down.weight``,
-``.lora_up.weight`` and ``.alpha`` (scale = alpha / rank). Prefixes: ``lora_unet`` and ``lora_te`` (SD 1.x/2.x,
-diffusers module names). SDXL files (``lora_te1``/``lora_te2`` and Stability-style UNet names) are not handled
-yet and are refused with a clear message. Reading maps names back through the real SD module names (built on the
-``meta`` device), so an unknown name is an error instead of a silently ignored key.
+Key grammar: ``<prefix>_<module name with every "." replaced by "_">`` + ``.lora_down.weight``,
+``.lora_up.weight`` and ``.alpha`` (scale = alpha / rank).
+
+* SD 1.x/2.x: prefixes ``lora_unet`` (diffusers UNet module names) and ``lora_te``.
+* SDXL: ``lora_unet`` with Stability (SGM) UNet names (``input_blocks_4_1_...``), ``lora_te1`` and ``lora_te2``.
+  Writing SGM names, never a mix of both schemes, is what every UI loads (diffusers drops SGM keys mixed with
+  diffusers names; InvokeAI refuses the mix).
+
+Reading maps names back through the real module names of SD 1.5 or SDXL (built on the ``meta`` device), so an
+unknown name is an error instead of a silently ignored key.
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import re
 from pathlib import Path
 
 import torch
@@ -20,96 +26,172 @@ from compose.files import atomic_write
 from compose.formats import export_dtype, read_safetensors, refuse_unsupported
 from compose.lora import LoRA, LoRAModule
 
-PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
-ARCHITECTURES = {"sd_v1": "stable-diffusion-v1/lora", "sd_v2": "stable-diffusion-v2-512/lora"}
-TEXT_ENCODER_LAYERS = 32
-"""Upper bound on CLIP text-encoder depth (CLIP-L: 12, OpenCLIP-H in SD 2: 23)."""
-TEXT_ENCODER_TARGETS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.out_proj",
-    "mlp.fc1",
-    "mlp.fc2",
-)
-
-
-def kohya_name(module: str) -> str:
-    """``unet.down_blocks.0...to_q`` -> ``lora_unet_down_blocks_0_..._to_q``."""
-    component, path = module.split(".", 1)
-    if component not in PREFIXES:
-        raise ValueError(
-            f"module {module}: SDXL's second text encoder has no SD 1.x/2.x kohya name (not supported yet)"
-        )
-    return f"{PREFIXES[component]}_{path.replace('.', '_')}"
+PREFIXES = {
+    "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
+    "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+}
+TEXT_ENCODER_LAYERS = {"text_encoder": 32, "text_encoder_2": 32}
+"""Upper bounds on CLIP text-encoder depth (CLIP-L 12, OpenCLIP-H in SD 2 23, OpenCLIP-bigG in SDXL 32)."""
+TEXT_ENCODER_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+TEXT_ENCODER_TARGETS += ("mlp.fc1", "mlp.fc2")
+TEXT_ENCODER_LAYER = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
+HEADERS = {
+    "sd_v1": ("stable-diffusion-v1/lora", "diffusers"),
+    "sd_v2": ("stable-diffusion-v2-512/lora", "diffusers"),
+    "sdxl_base_v1-0": ("stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"),
+}
+UNET_CONFIGS = {
+    "sd": dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+    ),
+    "sdxl": dict(
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+}
+"""The real SD 1.5 (same module names as SD 2.x) and SDXL base UNet configurations."""
 
 
 @functools.cache
-def known_modules() -> dict[str, str]:
-    """kohya name -> module name for every Linear/Conv2d a LoRA can target in SD 1.x/2.x (UNet module names from
-    the real SD 1.5 UNet built on the meta device; they are the same in SD 2.x; CLIP text-encoder layers by the
-    transformers naming rule)."""
+def _sgm_prefixes() -> tuple[tuple[str, str, bool], ...]:
+    """(diffusers prefix, SGM prefix, is a ResNet) pairs for the SDXL UNet (kohya's sdxl_model_util map)."""
+    pairs = [
+        ("time_embedding.linear_1.", "time_embed.0.", False),
+        ("time_embedding.linear_2.", "time_embed.2.", False),
+        ("add_embedding.linear_1.", "label_emb.0.0.", False),
+        ("add_embedding.linear_2.", "label_emb.0.2.", False),
+        ("conv_in.", "input_blocks.0.0.", False),
+        ("conv_norm_out.", "out.0.", False),
+        ("conv_out.", "out.2.", False),
+        ("mid_block.attentions.0.", "middle_block.1.", False),
+    ]
+    pairs += [(f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.", True) for j in range(2)]
+    for i in range(3):
+        for j in range(2):
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{3 * i + j + 1}.0.", True))
+            pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{3 * i + j + 1}.1.", False))
+        for j in range(3):
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{3 * i + j}.0.", True))
+            pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{3 * i + j}.1.", False))
+        pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{3 * (i + 1)}.0.op.", False))
+        pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{3 * i + 2}.2.", False))
+    return tuple(pairs)
+
+
+SGM_RESNET = (
+    ("norm1.", "in_layers.0."),
+    ("conv1.", "in_layers.2."),
+    ("norm2.", "out_layers.0."),
+    ("conv2.", "out_layers.3."),
+    ("time_emb_proj.", "emb_layers.1."),
+    ("conv_shortcut.", "skip_connection."),
+)
+
+
+def sgm_name(path: str) -> str:
+    """SDXL UNet module name, diffusers -> Stability (SGM): ``down_blocks.1.attentions.0.proj_in`` ->
+    ``input_blocks.4.1.proj_in``."""
+    dotted = path + "."
+    for hf, sgm, resnet in _sgm_prefixes():
+        if dotted.startswith(hf):
+            rest = dotted[len(hf) :]
+            if resnet:
+                rest = next((new + rest[len(old) :] for old, new in SGM_RESNET if rest.startswith(old)), rest)
+            return (sgm + rest).rstrip(".")
+    raise ValueError(f"SDXL UNet module {path!r} has no Stability-style name")
+
+
+def family(lora: LoRA) -> str:
+    """``sdxl`` or ``sd`` (SD 1.x/2.x), from the recorded base model or else the module names."""
+    if lora.base_model:
+        return "sdxl" if lora.base_model.startswith("sdxl") else "sd"
+    names = list(lora.modules)
+    sdxl_only = re.compile(r"^(text_encoder_2\.|unet\.(add_embedding|.*transformer_blocks\.[1-9]))")
+    return "sdxl" if any(sdxl_only.match(n) for n in names) else "sd"
+
+
+def kohya_name(module: str, kind: str) -> str:
+    """``unet.down_blocks.0...to_q`` -> ``lora_unet_down_blocks_0_..._to_q`` (SDXL UNet: SGM names)."""
+    component, path = module.split(".", 1)
+    if component not in PREFIXES[kind]:
+        raise ValueError(f"module {module}: an SD 1.x/2.x LoRA has no {component}; is this an SDXL LoRA?")
+    if component == "unet" and kind == "sdxl":
+        path = sgm_name(path)
+    elif component != "unet" and not TEXT_ENCODER_LAYER.fullmatch(path):
+        raise ValueError(
+            f"module {module}: {path} is not a text-encoder layer that UIs load (only encoder layers' "
+            f"{', '.join(TEXT_ENCODER_TARGETS)}); drop it before exporting"
+        )
+    return f"{PREFIXES[kind][component]}_{path.replace('.', '_')}"
+
+
+@functools.cache
+def known_modules(kind: str) -> dict[str, str]:
+    """kohya name -> module name for every Linear/Conv2d a LoRA can target (UNet module names from the real UNet
+    on the meta device; CLIP text-encoder layers by the transformers naming rule)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-        )
+        unet = UNet2DConditionModel(**UNET_CONFIGS[kind])
     names = [f"unet.{n}" for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    for layer in range(TEXT_ENCODER_LAYERS):
-        for leaf in (
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.out_proj",
-            "mlp.fc1",
-            "mlp.fc2",
-        ):
-            names.append(f"text_encoder.text_model.encoder.layers.{layer}.{leaf}")
-    return {kohya_name(n): n for n in names}
+    for component in PREFIXES[kind]:
+        if component != "unet":
+            for layer in range(TEXT_ENCODER_LAYERS[component]):
+                names += [f"{component}.text_model.encoder.layers.{layer}.{leaf}" for leaf in TEXT_ENCODER_TARGETS]
+    return {kohya_name(n, kind): n for n in names}
 
 
 def read(path: Path) -> LoRA:
     tensors, header = read_safetensors(path)
     refuse_unsupported(tensors, path)
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in tensors) or header.get(
-        "ss_base_model_version", ""
-    ).startswith("sdxl"):
-        raise ValueError(f"{path} is an SDXL kohya LoRA; SDXL files are not supported yet (SD 1.x/2.x only)")
     stems: dict[str, dict] = {}
     for key, tensor in tensors.items():
         stem, _, leaf = key.partition(".")
         if leaf not in ("lora_down.weight", "lora_up.weight", "alpha"):
             raise ValueError(f"{path}: unexpected key {key!r} (expected .lora_down.weight, .lora_up.weight, .alpha)")
         stems.setdefault(stem, {})[leaf] = tensor
+    sgm = re.compile(r"^lora_(te[12]_|unet_(input_blocks|middle_block|output_blocks|label_emb)_)")
+    kind = "sdxl" if header.get("ss_base_model_version", "").startswith("sdxl") or any(map(sgm.match, stems)) else "sd"
+    known = known_modules(kind)
     modules = {}
-    known = known_modules()
     for stem, parts in stems.items():
         if stem not in known:
-            raise ValueError(f"{path}: {stem!r} is not an SD 1.x/2.x module name under the kohya grammar")
+            label = "SDXL" if kind == "sdxl" else "SD 1.x/2.x"
+            raise ValueError(f"{path}: {stem!r} is not an {label} module name under the kohya grammar")
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ValueError(f"{path}: module {stem} lacks its lora_down or lora_up weight")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
         modules[known[stem]] = LoRAModule(down, up, alpha)
-    return LoRA(modules, base_model=header.get("ss_base_model_version"), metadata=header)
+    base = header.get("ss_base_model_version") or ("sdxl_base_v1-0" if kind == "sdxl" else None)
+    return LoRA(modules, base_model=base, metadata=header)
 
 
 def write(lora: LoRA, path: Path, dtype: str = "fp32", recipe: str | None = None) -> None:
     cast = export_dtype(dtype)
+    kind = family(lora)
     tensors = {}
     for name, module in lora.modules.items():
-        stem = kohya_name(name)
+        stem = kohya_name(name, kind)
         balanced = module.balanced(cast)
         tensors[f"{stem}.lora_down.weight"] = balanced.down.contiguous()
         tensors[f"{stem}.lora_up.weight"] = balanced.up.contiguous()
         tensors[f"{stem}.alpha"] = torch.tensor(float(balanced.rank), dtype=cast)
     ranks = sorted({m.rank for m in lora.modules.values()})
     dim = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
-    base = lora.base_model or "sd_v1"
+    base = lora.base_model or ("sdxl_base_v1-0" if kind == "sdxl" else "sd_v1")
+    architecture, implementation = HEADERS.get(base, HEADERS["sd_v1"])
     header = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
@@ -118,8 +200,8 @@ def write(lora: LoRA, path: Path, dtype: str = "fp32", recipe: str | None = None
         "ss_v2": str(base.startswith("sd_v2")),
         "ss_output_name": path.stem,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": ARCHITECTURES.get(base, ARCHITECTURES["sd_v1"]),
-        "modelspec.implementation": "diffusers",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": implementation,
         "modelspec.title": path.stem,
         "modelspec.date": datetime.date.today().isoformat(),
     }

@@ -5,6 +5,7 @@ module with the right shape. The accepted-name grammar below is written from the
 
 import re
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
@@ -34,7 +35,7 @@ SD15_UNET = dict(
 def targetable(module, prefix):
     text_leaves = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     for name, layer in module.named_modules():
-        if prefix == "text_encoder" and not name.endswith(text_leaves):
+        if prefix.startswith("text_encoder") and not name.endswith(text_leaves):
             continue
         if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
             yield f"{prefix}.{name}", tuple(layer.weight.shape)
@@ -71,3 +72,69 @@ def test_sd15_every_module_exports_to_an_accepted_kohya_name(tmp_path):
     for name, module in round_trip.modules.items():
         assert module.weight_shape == shapes[name]
         torch.testing.assert_close(module.delta(), lora.modules[name].delta(), rtol=1e-5, atol=1e-9)
+
+
+SGM_ATTENTION = r"(proj_in|proj_out|transformer_blocks_\d_(attn[12]_(to_q|to_k|to_v|to_out_0)|ff_net_0_proj|ff_net_2))"
+SGM_RESNET = r"(in_layers_2|out_layers_3|emb_layers_1|skip_connection)"
+SDXL_UNET_ACCEPTED = re.compile(
+    r"lora_unet_("
+    rf"input_blocks_[1245780]_0_{SGM_RESNET}|input_blocks_[4578]_1_{SGM_ATTENTION}|input_blocks_[36]_0_op"
+    rf"|middle_block_[02]_{SGM_RESNET}|middle_block_1_{SGM_ATTENTION}"
+    rf"|output_blocks_[0-8]_0_{SGM_RESNET}|output_blocks_[0-5]_1_{SGM_ATTENTION}|output_blocks_[25]_2_conv"
+    r"|time_embed_[02]|label_emb_0_[02]|input_blocks_0_0|out_2)"
+)
+"""Stability (SGM) names of the SDXL UNet's layers: input_blocks 1-8 (levels of 2 ResNets + a downsampler),
+transformers with 2 and 10 blocks at levels 1 and 2, output_blocks 0-8, upsamplers at output_blocks 2 and 5."""
+SDXL_TEXT_ACCEPTED = re.compile(
+    r"lora_te1_text_model_encoder_layers_([0-9]|1[01])_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"
+    r"|lora_te2_text_model_encoder_layers_([0-9]|[12][0-9]|3[01])_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"
+)
+
+
+def test_sdxl_every_module_exports_to_an_accepted_kohya_name(tmp_path):
+    from transformers import CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        text_1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                              num_attention_heads=12, vocab_size=49408))  # fmt: skip
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                            num_hidden_layers=32, num_attention_heads=20,
+                                                            vocab_size=49408, projection_dim=1280))  # fmt: skip
+    shapes = {
+        canonical_name(n): s
+        for n, s in [
+            *targetable(unet, "unet"),
+            *targetable(text_1, "text_encoder"),
+            *targetable(text_2, "text_encoder_2"),
+        ]
+    }
+    shapes = {n: s for n, s in shapes.items() if "transformer_blocks.1" not in n or ".ff." in n}  # keep the file small
+    lora = LoRA({name: rank_one(shape) for name, shape in shapes.items()}, base_model="sdxl_base_v1-0")
+    path = save_lora(lora, tmp_path / "sdxl.safetensors", "kohya")
+    with safe_open(str(path), "pt") as f:
+        stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    unaccepted = [s for s in stems if not (SDXL_UNET_ACCEPTED.fullmatch(s) or SDXL_TEXT_ACCEPTED.fullmatch(s))]
+    assert unaccepted == []
+    assert not [s for s in stems if re.search(r"(down|up)_blocks|mid_block", s)], "never mix naming schemes"
+    assert len(stems) == len(shapes)
+    round_trip = load_lora(path)
+    assert round_trip.modules.keys() == lora.modules.keys() and round_trip.base_model == "sdxl_base_v1-0"
+
+
+def test_text_projection_is_refused():
+    lora = LoRA({"text_encoder_2.text_projection": rank_one((1280, 1280))}, base_model="sdxl_base_v1-0")
+    with pytest.raises(ValueError, match="text_projection is not a text-encoder layer that UIs load"):
+        save_lora(lora, "unused.safetensors", "kohya")
