@@ -178,11 +178,28 @@ def read(path: Path) -> LoRA:
     return LoRA(modules, base_model=base, metadata=header)
 
 
+def complete_attention(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
+    """Add zero rank-1 LoRAs for the missing projections of partially covered text-encoder attention layers.
+
+    SD 2.x's and SDXL's second text encoder run as ``nn.MultiheadAttention`` in AUTOMATIC1111, which applies a
+    LoRA there only when q, k, v and out are all present; otherwise it fails the whole layer.
+    """
+    completed = dict(modules)
+    for name, module in modules.items():
+        stem, _, leaf = name.rpartition(".")
+        if not name.startswith("text_encoder") or leaf not in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            continue
+        width = module.down.shape[1]  # the projections of one layer are width x width
+        for other in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            completed.setdefault(f"{stem}.{other}", LoRAModule(torch.zeros(1, width), torch.zeros(width, 1), 1.0))
+    return completed
+
+
 def write(lora: LoRA, path: Path, dtype: str = "fp32", recipe: str | None = None) -> None:
     cast = export_dtype(dtype)
     kind = family(lora)
     tensors = {}
-    for name, module in lora.modules.items():
+    for name, module in complete_attention(lora.modules).items():
         stem = kohya_name(name, kind)
         balanced = module.balanced(cast)
         tensors[f"{stem}.lora_down.weight"] = balanced.down.contiguous()

@@ -305,3 +305,14 @@ def test_reads_a_peft_adapter_directory(tmp_path):
             lora.modules[f"unet.{name}"].delta(), layer.get_delta_weight("default"), rtol=1e-5, atol=1e-7
         )
     assert {m.alpha for m in lora.modules.values()} == {6.0, 1.0}
+
+
+def test_partial_text_attention_is_completed_for_automatic1111(tmp_path):
+    stem = "text_encoder.text_model.encoder.layers.0.self_attn"
+    lora = LoRA(
+        {f"{stem}.q_proj": random_module((32, 32), 2, 2.0, 0), f"{stem}.v_proj": random_module((32, 32), 2, 2.0, 1)}
+    )
+    loaded = load_lora(save_lora(lora, tmp_path / "te.safetensors", "kohya"))
+    assert set(loaded.modules) == {f"{stem}.{p}_proj" for p in ("q", "k", "v", "out")}
+    assert loaded.modules[f"{stem}.k_proj"].delta().abs().max() == 0
+    torch.testing.assert_close(loaded.modules[f"{stem}.v_proj"].delta(), lora.modules[f"{stem}.v_proj"].delta())
