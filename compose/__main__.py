@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from compose.formats import detect, load_lora, save_lora
+from compose.fuse import fuse_into_pipeline
 from compose.lora import LoRA
 from compose.ops import mix, svd_rerank
 
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
         sub.add_argument("--rank", type=int, default=None, help="re-factorise to this rank by SVD (lossy)")
         sub.add_argument("--overwrite", action="store_true", help="allow replacing an existing file")
+    fuse = commands.add_parser("fuse", help="fuse a LoRA into a full diffusers pipeline directory")
+    fuse.add_argument("lora", type=Path)
+    fuse.add_argument("--base", required=True, help="diffusers pipeline directory the LoRA was trained on")
+    fuse.add_argument("--by", type=float, default=1.0, help="LoRA weight (0 = base model)")
+    fuse.add_argument("-o", "--output", required=True, help="new directory for the fused pipeline")
     inspect = commands.add_parser("inspect")
     inspect.add_argument("file", type=Path)
     args = parser.parse_args(argv)
@@ -70,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             lora = load_lora(args.file)
             info = {"format": detect(args.file), **lora.summary(), "metadata": lora.metadata}
             print(json.dumps(info, indent=2, default=str))
+        elif args.command == "fuse":
+            path = fuse_into_pipeline(mix([load_lora(args.lora)], [args.by]), args.base, args.output)
+            print(f"wrote {path}")
         elif args.command == "mix":
             paths = [p for p, _ in args.inputs]
             weights = [w for _, w in args.inputs]

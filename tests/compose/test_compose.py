@@ -316,3 +316,28 @@ def test_partial_text_attention_is_completed_for_automatic1111(tmp_path):
     assert set(loaded.modules) == {f"{stem}.{p}_proj" for p in ("q", "k", "v", "out")}
     assert loaded.modules[f"{stem}.k_proj"].delta().abs().max() == 0
     torch.testing.assert_close(loaded.modules[f"{stem}.v_proj"].delta(), lora.modules[f"{stem}.v_proj"].delta())
+
+
+def test_fuse_into_a_full_pipeline(sources, tmp_path):
+    from compose.__main__ import main
+
+    base = tmp_path / "base"
+    build_random_pipeline("tiny").save_pretrained(base)
+    lora_file = save_lora(load_lora(sources[0]), tmp_path / "a.safetensors", "kohya")
+    assert main(["fuse", str(lora_file), "--base", str(base), "--by", "0.5", "-o", str(tmp_path / "fused")]) == 0
+    fused = StableDiffusionPipeline.from_pretrained(str(tmp_path / "fused"))
+    reference = StableDiffusionPipeline.from_pretrained(str(base))
+    reference.load_lora_weights(str(lora_file), adapter_name="a")
+    reference.set_adapters(["a"], [0.5])
+    torch.testing.assert_close(unet_output(fused), unet_output(reference), rtol=0, atol=1e-5)
+    assert main(["fuse", str(lora_file), "--base", str(base), "-o", str(tmp_path / "fused")]) == 2  # exists
+
+
+def test_diffusers_file_without_metadata_means_alpha_equals_rank(tmp_path):
+    module = random_module((16, 8), 3, 3.0, 0)
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file(
+        {f"{name}.lora_A.weight": module.down, f"{name}.lora_B.weight": module.up}, str(tmp_path / "plain.safetensors")
+    )
+    loaded = load_lora(tmp_path / "plain.safetensors")
+    assert loaded.modules[name].alpha == 3.0 and loaded.modules[name].scale == 1.0

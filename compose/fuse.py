@@ -1,0 +1,48 @@
+"""Fuse a LoRA into a full diffusers pipeline: every targeted weight becomes ``W + delta``, saved as a new
+pipeline directory (written beside the target, then renamed into place)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from compose.lora import LoRA
+
+
+def fuse_into_pipeline(lora: LoRA, base: str | Path, output: str | Path) -> Path:
+    """Load the diffusers pipeline directory ``base``, add each module's delta to its weight, save to ``output``."""
+    from diffusers import DiffusionPipeline
+
+    output = Path(output)
+    if output.exists():
+        raise ValueError(f"{output} exists; choose a new directory for the fused pipeline")
+    pipeline = DiffusionPipeline.from_pretrained(str(base))
+    with torch.no_grad():
+        for name, module in lora.modules.items():
+            component, path = name.split(".", 1)
+            model = getattr(pipeline, component, None)
+            if model is None:
+                raise ValueError(f"module {name}: the pipeline in {base} has no {component}")
+            weights = dict(model.named_parameters())
+            key = next(
+                (k for k in (f"{path}.weight", f"{path.removeprefix('text_model.')}.weight") if k in weights), None
+            )
+            if key is None:
+                raise ValueError(f"module {name} does not exist in the pipeline in {base}: wrong base model?")
+            if tuple(weights[key].shape) != module.weight_shape:
+                shape = tuple(weights[key].shape)
+                raise ValueError(f"module {name}: the base weight is {shape} but the LoRA is for {module.weight_shape}")
+            weights[key].add_(module.delta().to(weights[key].dtype))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+    try:
+        pipeline.save_pretrained(staging)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
