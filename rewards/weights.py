@@ -118,7 +118,10 @@ def _fetch(source: WeightSource) -> Path:
         if source.filename:
             return Path(hf_hub_download(source.repo_id, source.filename))
         snapshot = Path(snapshot_download(source.repo_id, allow_patterns=list(_TRANSFORMERS_FILES)))
-        if not any(snapshot.glob("*.safetensors")):  # offline, a cached snapshot may hold only tokenizer files
+        if not any(snapshot.glob("*.safetensors")):  # older repositories only have a torch pickle
+            snapshot = Path(snapshot_download(source.repo_id, allow_patterns=["config.json", "pytorch_model.bin"]))
+        if not any(snapshot.glob("*.safetensors")) and not (snapshot / "pytorch_model.bin").exists():
+            # offline, a cached snapshot may hold only tokenizer files
             raise FileNotFoundError(f"cached snapshot {snapshot} holds no *.safetensors weights")
         return snapshot
     if source.url and source.filename:
