@@ -161,9 +161,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, nested_key: str | None = None) -> dict[str, torch.Tensor]:
     """Read a state dict from a file (.safetensors, or a torch pickle read with ``weights_only=True``) or a
-    transformers-style directory (``model.safetensors``, sharded safetensors, or ``pytorch_model.bin``)."""
+    transformers-style directory (``model.safetensors``, sharded safetensors, or ``pytorch_model.bin``).
+
+    ``nested_key``: checkpoints that wrap the state dict (e.g. HPS's ``{"state_dict": ...}``) are unwrapped."""
     if path.is_dir():
         index = path / "model.safetensors.index.json"
         if index.exists():
@@ -184,6 +186,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise WeightsMismatchError(f"cannot read {path} as a state dict: {err}") from err
+    if nested_key is not None:
+        if not isinstance(state, dict) or nested_key not in state:
+            raise WeightsMismatchError(f"{path} has no {nested_key!r} entry; expected {{{nested_key!r}: state dict}}")
+        state = state[nested_key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsMismatchError(f"{path} does not hold a plain state dict of tensors")
     return state

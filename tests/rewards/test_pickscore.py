@@ -99,3 +99,25 @@ def test_wrong_activation_config_is_not_the_same_model(tmp_path):
         right = get_reward("pickscore", pretrained=False, weights=tmp_path / "gelu")(images, PROMPTS[:1])
         trapped = get_reward("pickscore", pretrained=False, weights=tmp_path / "quick")(images, PROMPTS[:1])
     assert (right - trapped).abs().item() > 1e-4
+
+
+@pytest.mark.slow
+def test_real_geometry_directory_loads_strictly(tmp_path):
+    """A save_pretrained-layout directory with the real PickScore_v1 config and random fp16 weights (986M)."""
+    from safetensors.torch import save_file
+
+    config = pickscore_config()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in CLIPModel(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    state = {k: (0.02 * torch.randn(shape, generator=generator)).half() for k, shape in shapes.items()}
+    (tmp_path / "PickScore_v1").mkdir()
+    config.to_json_file(tmp_path / "PickScore_v1" / "config.json")
+    save_file(state, str(tmp_path / "PickScore_v1" / "model.safetensors"))
+    probe = {k: state[k].float() for k in ("logit_scale", "visual_projection.weight", "text_projection.weight")}
+    del state
+    reward = get_reward("pickscore", pretrained=False, weights=tmp_path / "PickScore_v1")
+    assert reward.model.config.vision_config.num_hidden_layers == 32
+    assert reward.model.config.vision_config.hidden_act == "gelu"
+    for key, value in probe.items():
+        torch.testing.assert_close(reward.model.state_dict()[key], value, rtol=0, atol=0)

@@ -1,0 +1,109 @@
+"""HPSv2 and HPSv2.1 (Human Preference Score): open_clip ViT-H/14 fine-tuned on HPD human preferences.
+
+Score = cosine(image embedding, prompt embedding), no logit scale (benchmarks print it x100). The reference
+preprocessing resizes the longer side to 224 and zero-pads to a square (for square images: a resize to 224).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from open_clip.tokenizer import SimpleTokenizer
+
+from rewards.base import Reward
+from rewards.registry import register_reward
+from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
+from rewards.weights import MAIN, WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
+
+HPS_REPO = "xswu/HPSv2"
+SOURCES = {
+    "hpsv2": WeightSource(repo_id=HPS_REPO, filename="HPS_v2_compressed.pt"),
+    "hpsv2.1": WeightSource(repo_id=HPS_REPO, filename="HPS_v2.1_compressed.pt"),
+}
+VIT_H_14 = dict(
+    embed_dim=1024,
+    vision_cfg=dict(image_size=224, layers=32, width=1280, head_width=80, patch_size=14),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=1024, heads=16, layers=24),
+)
+"""open_clip's ``model_configs/ViT-H-14.json`` (no quick_gelu: exact GELU)."""
+
+
+def vit_h_14(tiny: bool = False) -> dict:
+    """The ViT-H/14 open_clip configuration, or a 2-layer, 32-wide variant for tests."""
+    if not tiny:
+        return VIT_H_14
+    return dict(
+        embed_dim=32,
+        vision_cfg=dict(image_size=224, layers=2, width=32, head_width=16, patch_size=14),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
+    )
+
+
+def resize_longer_side_and_pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    """open_clip's ``ResizeMaxSize``: bicubic resize so the longer side is ``size``, then zero-pad (black,
+    centred) to ``size`` x ``size``."""
+    h, w = images.shape[-2:]
+    scale = size / max(h, w)
+    new_h, new_w = round(h * scale), round(w * scale)
+    x = resize(images, (new_h, new_w))
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    return F.pad(x, (left, size - new_w - left, top, size - new_h - top), value=0.0)
+
+
+class HPSReward(Reward):
+    """cos(image, prompt) under an open_clip CLIP model (the HPS recipe)."""
+
+    name = "hpsv2"
+    needs_prompts = True
+    input_size = 224
+
+    def __init__(self, model: CLIP, typical_range: tuple[float, float], normalization: tuple[float, float]) -> None:
+        super().__init__()
+        self.model = model
+        self.typical_range, self.normalization = typical_range, normalization
+        self.tokenizer = SimpleTokenizer(context_length=77)
+        self._text_cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self.freeze()
+
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        """Normalised prompt embeddings, cached per prompt."""
+        param = self.model.logit_scale
+        missing = [p for p in dict.fromkeys(prompts) if (p, param.device, param.dtype) not in self._text_cache]
+        if missing:
+            with torch.no_grad():
+                features = self.model.encode_text(self.tokenizer(missing).to(param.device), normalize=True)
+            for prompt, feature in zip(missing, features, strict=True):
+                self._text_cache[(prompt, param.device, param.dtype)] = feature
+        return torch.stack([self._text_cache[(p, param.device, param.dtype)] for p in prompts])
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        x = normalize(resize_longer_side_and_pad(images, 224), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        image = self.model.encode_image(x, normalize=True)
+        return (image * self.text_features(prompts).to(image.dtype)).sum(dim=-1)
+
+
+def _build(name: str, pretrained: bool, weights: dict, tiny: bool, typical, normalization) -> Reward:
+    override = weights.get(MAIN)
+    if tiny and pretrained and override is None:
+        raise ValueError(f"reward '{name}': tiny=True has no pretrained weights; use pretrained=False")
+    state = None
+    if pretrained or override is not None:  # find the weights before building a 986M-parameter model
+        path = resolve(name, MAIN, SOURCES[name], override)
+        state = read_state_dict(path, nested_key="state_dict")
+    model = CLIP(**vit_h_14(tiny))
+    if state is not None:
+        load_state_dict_strict(model, state, f"checkpoint {path} for '{name}'")
+    return HPSReward(model, typical, normalization)
+
+
+@register_reward("hpsv2", components=(MAIN,))
+def hpsv2(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None, tiny: bool = False) -> Reward:
+    """HPSv2 (open_clip ViT-H/14 tuned on human preferences): cosine(image, prompt), ~0.27 on SD 1.x; needs prompts."""
+    return _build("hpsv2", pretrained, weights or {}, tiny, (0.26, 0.28), (0.27, 0.01))
+
+
+@register_reward("hpsv2.1", components=(MAIN,))
+def hpsv2_1(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None, tiny: bool = False) -> Reward:
+    """HPSv2.1 (retrained HPSv2): cosine(image, prompt), ~0.24-0.26 on SD 1.x; needs prompts."""
+    return _build("hpsv2.1", pretrained, weights or {}, tiny, (0.24, 0.26), (0.25, 0.01))
