@@ -130,7 +130,8 @@ def test_any_size_and_square(built, name, options):
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "options"), full_geometry_variants())
 def test_full_geometry_contract(name, options):
-    """The real architecture (random weights): gradient, batch == items, bf16 autocast, in one build."""
+    """The real architecture (random weights): gradient and batch == items, in one build. (bf16 and fp16 are
+    checked on the tiny variants, which run the same code; bf16 matmuls of a ViT-H take minutes on a 2-core CPU.)"""
     reward = get_reward(name, pretrained=False, **options)
     x = images(2).requires_grad_(True)
     scores = reward(x, PROMPTS[:2])
@@ -139,9 +140,6 @@ def test_full_geometry_contract(name, options):
     with torch.no_grad():
         items = torch.cat([reward(x[i : i + 1], PROMPTS[i : i + 1]) for i in range(2)])
         torch.testing.assert_close(scores.detach(), items, rtol=1e-5, atol=1e-5)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = reward(x, PROMPTS[:2])
-    assert torch.isfinite(low).all()
 
 
 @pytest.mark.gpu
