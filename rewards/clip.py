@@ -74,12 +74,13 @@ def build_clip_vision(
     return model
 
 
-def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+def build_clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """OpenAI CLIP's BPE tokenizer as a transformers ``CLIPTokenizer``, built offline from the merges file that
     open_clip ships (the same vocabulary as ``openai/clip-vit-large-patch14``'s tokenizer files).
 
     The vocabulary is reconstructed the way OpenAI's ``SimpleTokenizer`` does: 256 byte symbols, the same with
     an end-of-word marker, one token per merge (48,894 merges), then the start and end tokens: 49,408 in all.
+    ``pad_token``: Stable Diffusion pads with the end token; OWL-ViT's tokenizer pads with "!" (id 0).
     """
     import gzip
 
@@ -92,4 +93,5 @@ def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={token: i for i, token in enumerate(tokens)}, merges=merges, model_max_length=max_length)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token=pad_token)

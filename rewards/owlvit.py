@@ -1,0 +1,120 @@
+"""OWL-ViT open-vocabulary detection as a reward: add objects (``mode="add"``) or remove them (``mode="remove"``).
+
+For a text query, each of the model's 576 box tokens (768 px input, 32 px patches) predicts a logit; its sigmoid
+is the box's detection probability. The reward aggregates them per image: a soft count (the sum of the box
+probabilities, optionally weighted by a soft threshold) or the maximum box probability. Several queries (add
+"strawberry", keep "bowl") are separate rewards composed with weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import OwlViTConfig, OwlViTForObjectDetection
+
+from rewards.base import Reward
+from rewards.clip import build_clip_tokenizer
+from rewards.registry import register_reward
+from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
+from rewards.weights import MAIN, WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
+
+OWLVIT_SOURCE = WeightSource(repo_id="google/owlvit-base-patch32")
+AGGREGATIONS = ("soft_count", "max")
+MODES = ("add", "remove")
+
+
+def owlvit_config(tiny: bool = False) -> OwlViTConfig:
+    """``google/owlvit-base-patch32`` geometry (transformers' defaults; 153.2M parameters), or a 2-layer,
+    32-wide variant at the same 768 px input for tests."""
+    if not tiny:
+        return OwlViTConfig()
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    return OwlViTConfig(text_config=small, vision_config=small, projection_dim=32)
+
+
+class DetectionReward(Reward):
+    """Soft count or max probability of boxes matching ``query`` (negated for ``mode="remove"``)."""
+
+    name = "owlvit"
+    needs_prompts = False
+
+    def __init__(
+        self,
+        model: OwlViTForObjectDetection,
+        query: str,
+        mode: str = "add",
+        aggregation: str = "soft_count",
+        threshold: float | None = None,
+        temperature: float = 0.05,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {aggregation!r}")
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("owlvit needs a text query, e.g. get_reward('owlvit', query='strawberry')")
+        self.model = model
+        self.query, self.mode, self.aggregation = query, mode, aggregation
+        self.threshold, self.temperature = threshold, temperature
+        self.input_size = model.config.vision_config.image_size
+        self.typical_range = (0.0, 5.0) if aggregation == "soft_count" else (0.0, 1.0)
+        self.normalization = (1.0, 1.0) if aggregation == "soft_count" else (0.3, 0.2)
+        if mode == "remove":
+            self.typical_range = (-self.typical_range[1], -self.typical_range[0])
+            self.normalization = (-self.normalization[0], self.normalization[1])
+        tokenizer = build_clip_tokenizer(max_length=model.config.text_config.max_position_embeddings, pad_token="!")
+        tokens = tokenizer([query], padding="max_length", truncation=True, return_tensors="pt")
+        self.register_buffer("input_ids", tokens.input_ids, persistent=False)
+        self.register_buffer("attention_mask", tokens.attention_mask, persistent=False)
+        self.freeze()
+
+    def box_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-box logits [B, boxes] of the query: images resized to the model's input (aspect not kept, as the
+        reference processor does), OpenAI CLIP mean/std."""
+        side = self.input_size
+        x = normalize(resize(images, (side, side)), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        batch = len(images)
+        outputs = self.model(
+            input_ids=self.input_ids.repeat(batch, 1),
+            attention_mask=self.attention_mask.repeat(batch, 1),
+            pixel_values=x,
+        )
+        return outputs.logits[..., 0]
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        probabilities = torch.sigmoid(self.box_logits(images).float())
+        if self.aggregation == "max":
+            value = probabilities.amax(dim=1)
+        else:
+            if self.threshold is not None:
+                probabilities = probabilities * torch.sigmoid((probabilities - self.threshold) / self.temperature)
+            value = probabilities.sum(dim=1)
+        return value if self.mode == "add" else -value
+
+
+@register_reward("owlvit", components=(MAIN,))
+def owlvit(
+    pretrained: bool = True,
+    weights: dict[str, WeightsArg] | None = None,
+    query: str | None = None,
+    mode: str = "add",
+    aggregation: str = "soft_count",
+    threshold: float | None = None,
+    temperature: float = 0.05,
+    tiny: bool = False,
+) -> Reward:
+    """OWL-ViT B/32 detection of a text query: soft count (or max) of boxes; mode='add' or 'remove'."""
+    if query is None:
+        raise ValueError("owlvit needs a text query, e.g. get_reward('owlvit', query='strawberry', mode='add')")
+    override = (weights or {}).get(MAIN)
+    if tiny and pretrained and override is None:
+        raise ValueError("reward 'owlvit': tiny=True has no pretrained weights; use pretrained=False")
+    if not pretrained and override is None:
+        model = OwlViTForObjectDetection(owlvit_config(tiny))
+    else:
+        path = resolve("owlvit", MAIN, OWLVIT_SOURCE, override)
+        model = OwlViTForObjectDetection(
+            OwlViTConfig.from_pretrained(path) if (path / "config.json").exists() else owlvit_config(tiny)
+        )
+        load_state_dict_strict(model, read_state_dict(path), f"checkpoint {path} for 'owlvit'", ("*.position_ids",))
+    return DetectionReward(model, query, mode, aggregation, threshold, temperature)

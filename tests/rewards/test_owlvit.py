@@ -1,0 +1,98 @@
+"""OWL-ViT detection reward against the transformers model's own outputs (independent preprocessing/tokens)."""
+
+import pytest
+import torch
+from open_clip import get_tokenizer
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+from transformers import OwlViTConfig, OwlViTForObjectDetection
+
+from rewards import MissingWeightsError, get_reward
+from rewards.owlvit import owlvit_config
+
+
+def reference_logits(model, images, query):
+    """OwlViTProcessor's recipe by hand: 768x768 bicubic resize (aspect not kept), CLIP mean/std; the query
+    tokenised with CLIP BPE, padded with id 0 to 16 tokens; the model's per-box logits for the query."""
+    x = TF.resize(images, [768, 768], interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+    x = TF.normalize(x, [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+    ids = get_tokenizer("ViT-B-32")([query])[:, :16]
+    with torch.no_grad():
+        out = model(
+            input_ids=ids.repeat(len(images), 1),
+            attention_mask=(ids != 0).long().repeat(len(images), 1),
+            pixel_values=x,
+        )
+    return out.logits[..., 0]
+
+
+def test_real_geometry_on_meta_device():
+    with torch.device("meta"):
+        model = OwlViTForObjectDetection(owlvit_config())
+    assert sum(p.numel() for p in model.parameters()) == 153_231_879
+    keys = set(model.state_dict())
+    assert {
+        "owlvit.logit_scale",
+        "class_head.logit_shift.weight",
+        "box_head.dense0.weight",
+        "layer_norm.weight",
+    } <= keys
+    assert model.config.vision_config.image_size == 768 and model.config.vision_config.patch_size == 32
+
+
+@pytest.mark.slow
+def test_directory_loads_strictly_and_aggregates_the_model_outputs(tmp_path):
+    torch.manual_seed(0)
+    OwlViTForObjectDetection(OwlViTConfig()).save_pretrained(tmp_path / "owlvit-base-patch32")
+    model = OwlViTForObjectDetection.from_pretrained(tmp_path / "owlvit-base-patch32").eval()
+    images = torch.rand(2, 3, 512, 384)
+    logits = reference_logits(model, images, "a strawberry")
+    probabilities = torch.sigmoid(logits)
+    assert logits.shape == (2, 576)
+    for mode, sign in (("add", 1.0), ("remove", -1.0)):
+        for aggregation, expected in (("soft_count", probabilities.sum(1)), ("max", probabilities.amax(1))):
+            reward = get_reward("owlvit", pretrained=False, weights=tmp_path / "owlvit-base-patch32",
+                                query="a strawberry", mode=mode, aggregation=aggregation)  # fmt: skip
+            with torch.no_grad():
+                torch.testing.assert_close(reward(images), sign * expected, rtol=1e-4, atol=1e-4)
+
+
+def test_soft_threshold_and_gradient():
+    torch.manual_seed(0)
+    reward = get_reward("owlvit", pretrained=False, tiny=True, query="a bowl", threshold=0.5, temperature=0.1)
+    images = torch.rand(2, 3, 96, 96, requires_grad=True)
+    scores = reward(images)
+    p = torch.sigmoid(reward.box_logits(images.detach()))
+    torch.testing.assert_close(scores.detach(), (p * torch.sigmoid((p - 0.5) / 0.1)).sum(1), rtol=1e-5, atol=1e-5)
+    scores.sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_tiny_matches_reference(tmp_path):
+    torch.manual_seed(0)
+    OwlViTForObjectDetection(owlvit_config(tiny=True)).save_pretrained(tmp_path / "tiny")
+    model = OwlViTForObjectDetection.from_pretrained(tmp_path / "tiny").eval()
+    reward = get_reward("owlvit", pretrained=False, weights=tmp_path / "tiny", query="two red circles")
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reward(images),
+            torch.sigmoid(reference_logits(model, images, "two red circles")).sum(1),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({}, "needs a text query"), ({"query": "x", "mode": "delete"}, "mode must be one of add, remove"),
+     ({"query": "x", "aggregation": "sum"}, "aggregation must be one of soft_count, max")],
+)  # fmt: skip
+def test_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        get_reward("owlvit", pretrained=False, tiny=True, **options)
+
+
+def test_offline_error():
+    with pytest.raises(MissingWeightsError, match="google/owlvit-base-patch32"):
+        get_reward("owlvit", query="a person", mode="remove")
