@@ -7,13 +7,12 @@ preprocessing resizes the longer side to 224 and zero-pads to a square (for squa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
 
 from rewards.base import Reward
 from rewards.registry import register_reward
-from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
+from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_longer_side_and_pad
 from rewards.weights import MAIN, WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
 
 HPS_REPO = "xswu/HPSv2"
@@ -38,17 +37,6 @@ def vit_h_14(tiny: bool = False) -> dict:
         vision_cfg=dict(image_size=224, layers=2, width=32, head_width=16, patch_size=14),
         text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
     )
-
-
-def resize_longer_side_and_pad(images: torch.Tensor, size: int) -> torch.Tensor:
-    """open_clip's ``ResizeMaxSize``: bicubic resize so the longer side is ``size``, then zero-pad (black,
-    centred) to ``size`` x ``size``."""
-    h, w = images.shape[-2:]
-    scale = size / max(h, w)
-    new_h, new_w = round(h * scale), round(w * scale)
-    x = resize(images, (new_h, new_w))
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    return F.pad(x, (left, size - new_w - left, top, size - new_h - top), value=0.0)
 
 
 class HPSReward(Reward):

@@ -13,13 +13,12 @@ from transformers import OwlViTConfig, OwlViTForObjectDetection
 
 from rewards.base import Reward
 from rewards.clip import build_clip_tokenizer
+from rewards.detection import aggregate, check_detection_options
 from rewards.registry import register_reward
 from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
 from rewards.weights import MAIN, WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
 
 OWLVIT_SOURCE = WeightSource(repo_id="google/owlvit-base-patch32")
-AGGREGATIONS = ("soft_count", "max")
-MODES = ("add", "remove")
 
 
 def owlvit_config(tiny: bool = False) -> OwlViTConfig:
@@ -47,10 +46,7 @@ class DetectionReward(Reward):
         temperature: float = 0.05,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {aggregation!r}")
+        check_detection_options(mode, aggregation)
         if not isinstance(query, str) or not query.strip():
             raise ValueError("owlvit needs a text query, e.g. get_reward('owlvit', query='strawberry')")
         self.model = model
@@ -83,13 +79,7 @@ class DetectionReward(Reward):
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         probabilities = torch.sigmoid(self.box_logits(images).float())
-        if self.aggregation == "max":
-            value = probabilities.amax(dim=1)
-        else:
-            if self.threshold is not None:
-                probabilities = probabilities * torch.sigmoid((probabilities - self.threshold) / self.temperature)
-            value = probabilities.sum(dim=1)
-        return value if self.mode == "add" else -value
+        return aggregate(probabilities, self.mode, self.aggregation, self.threshold, self.temperature)
 
 
 @register_reward("owlvit", components=(MAIN,))

@@ -41,6 +41,19 @@ def resize_shortest_side(images: torch.Tensor, size: int, interpolation: str = "
     return resize(images, new_hw, interpolation)
 
 
+def resize_longer_side_and_pad(
+    images: torch.Tensor, size: int, fill: float = 0.0, interpolation: str = "bicubic"
+) -> torch.Tensor:
+    """Resize so the longer side is ``size`` (aspect kept), then pad with ``fill`` to a centred ``size`` x ``size``
+    square: open_clip's ``ResizeMaxSize`` (bicubic, fill 0) and YOLO's letterbox (bilinear, fill 114/255)."""
+    h, w = images.shape[-2:]
+    scale = size / max(h, w)
+    new_h, new_w = round(h * scale), round(w * scale)
+    x = resize(images, (new_h, new_w), interpolation)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    return F.pad(x, (left, size - new_w - left, top, size - new_h - top), value=fill)
+
+
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """Crop the central ``size`` x ``size`` window (offsets rounded like torchvision's CenterCrop)."""
     h, w = images.shape[-2:]
