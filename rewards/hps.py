@@ -12,6 +12,7 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from rewards.base import Reward
 from rewards.registry import register_reward
+from rewards.text import PromptCache
 from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_longer_side_and_pad
 from rewards.weights import MAIN, WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
 
@@ -51,24 +52,17 @@ class HPSReward(Reward):
         self.model = model
         self.typical_range, self.normalization = typical_range, normalization
         self.tokenizer = SimpleTokenizer(context_length=77)
-        self._text_cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self.text_features = PromptCache(self._encode)
         self.freeze()
 
-    def text_features(self, prompts: list[str]) -> torch.Tensor:
-        """Normalised prompt embeddings, cached per prompt."""
-        param = self.model.logit_scale
-        missing = [p for p in dict.fromkeys(prompts) if (p, param.device, param.dtype) not in self._text_cache]
-        if missing:
-            with torch.no_grad():
-                features = self.model.encode_text(self.tokenizer(missing).to(param.device), normalize=True)
-            for prompt, feature in zip(missing, features, strict=True):
-                self._text_cache[(prompt, param.device, param.dtype)] = feature
-        return torch.stack([self._text_cache[(p, param.device, param.dtype)] for p in prompts])
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(prompts).to(self.model.logit_scale.device), normalize=True)
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         x = normalize(resize_longer_side_and_pad(images, 224), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         image = self.model.encode_image(x, normalize=True)
-        return (image * self.text_features(prompts).to(image.dtype)).sum(dim=-1)
+        text = self.text_features(prompts, image.device, self.model.logit_scale.dtype).to(image.dtype)
+        return (image * text).sum(dim=-1)
 
 
 def _build(name: str, pretrained: bool, weights: dict, tiny: bool, typical, normalization) -> Reward:

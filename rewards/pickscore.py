@@ -12,6 +12,7 @@ from transformers import CLIPConfig, CLIPModel
 from rewards.base import Reward
 from rewards.clip import build_clip_tokenizer
 from rewards.registry import register_reward
+from rewards.text import PromptCache
 from rewards.transforms import CLIP_224
 from rewards.weights import MAIN, WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
 
@@ -62,27 +63,20 @@ class CLIPPreferenceReward(Reward):
         super().__init__()
         self.model = model
         self.tokenizer = build_clip_tokenizer()
-        self._text_cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self.text_features = PromptCache(self._encode)
         self.freeze()
 
-    def text_features(self, prompts: list[str]) -> torch.Tensor:
-        """L2-normalised prompt embeddings; cached per prompt (they do not depend on the images)."""
-        param = self.model.logit_scale
-        missing = [p for p in dict.fromkeys(prompts) if (p, param.device, param.dtype) not in self._text_cache]
-        if missing:
-            tokens = self.tokenizer(missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-            with torch.no_grad():
-                features = self.model.get_text_features(input_ids=tokens.input_ids.to(param.device))
-                features = getattr(features, "pooler_output", features)
-            for prompt, feature in zip(missing, features / features.norm(dim=-1, keepdim=True), strict=True):
-                self._text_cache[(prompt, param.device, param.dtype)] = feature
-        return torch.stack([self._text_cache[(p, param.device, param.dtype)] for p in prompts])
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        features = self.model.get_text_features(input_ids=tokens.input_ids.to(self.model.logit_scale.device))
+        features = getattr(features, "pooler_output", features)
+        return features / features.norm(dim=-1, keepdim=True)
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         features = self.model.get_image_features(pixel_values=CLIP_224(images))
         features = getattr(features, "pooler_output", features)
         image = features / features.norm(dim=-1, keepdim=True)
-        text = self.text_features(prompts).to(image.dtype)
+        text = self.text_features(prompts, image.device, self.model.logit_scale.dtype).to(image.dtype)
         return self.model.logit_scale.exp() * (image * text).sum(dim=-1)
 
 
