@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from rewards.weights import WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
+from rewards.weights import WeightsArg, WeightSource, load_state_dict_strict, needs_weights, read_state_dict, resolve
 
 CLIP_VIT_L_14 = dict(
     hidden_size=1024,
@@ -60,10 +60,8 @@ def build_clip_vision(
     weights; a transformers directory brings its own ``config.json``, a single state-dict file is loaded into
     ``geometry``. Loading is strict, skipping only the text-tower keys of full CLIP checkpoints.
     """
-    if tiny and pretrained and override is None:
-        raise ValueError(f"reward '{reward}': tiny=True has no pretrained weights; use pretrained=False")
     config = CLIPVisionConfig(**(tiny_config(geometry) if tiny else geometry))
-    if not pretrained and override is None:
+    if not needs_weights(reward, pretrained, override, tiny):
         return CLIPVisionModelWithProjection(config)
     path = resolve(reward, component, source, override)
     if path.is_dir() and (path / "config.json").exists():

@@ -14,7 +14,15 @@ from rewards.base import Reward
 from rewards.registry import register_reward
 from rewards.text import PromptCache
 from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_longer_side_and_pad
-from rewards.weights import MAIN, WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
+from rewards.weights import (
+    MAIN,
+    WeightsArg,
+    WeightSource,
+    load_state_dict_strict,
+    needs_weights,
+    read_state_dict,
+    resolve,
+)
 
 HPS_REPO = "xswu/HPSv2"
 SOURCES = {
@@ -67,10 +75,8 @@ class HPSReward(Reward):
 
 def _build(name: str, pretrained: bool, weights: dict, tiny: bool, typical, normalization) -> Reward:
     override = weights.get(MAIN)
-    if tiny and pretrained and override is None:
-        raise ValueError(f"reward '{name}': tiny=True has no pretrained weights; use pretrained=False")
     state = None
-    if pretrained or override is not None:  # find the weights before building a 986M-parameter model
+    if needs_weights(name, pretrained, override, tiny):  # find the weights before building a 986M-parameter model
         path = resolve(name, MAIN, SOURCES[name], override)
         state = read_state_dict(path, nested_key="state_dict")
     model = CLIP(**vit_h_14(tiny))

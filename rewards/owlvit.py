@@ -16,7 +16,15 @@ from rewards.clip import build_clip_tokenizer
 from rewards.detection import aggregate, check_detection_options
 from rewards.registry import register_reward
 from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
-from rewards.weights import MAIN, WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
+from rewards.weights import (
+    MAIN,
+    WeightsArg,
+    WeightSource,
+    load_state_dict_strict,
+    needs_weights,
+    read_state_dict,
+    resolve,
+)
 
 OWLVIT_SOURCE = WeightSource(repo_id="google/owlvit-base-patch32")
 
@@ -97,9 +105,7 @@ def owlvit(
     if query is None:
         raise ValueError("owlvit needs a text query, e.g. get_reward('owlvit', query='strawberry', mode='add')")
     override = (weights or {}).get(MAIN)
-    if tiny and pretrained and override is None:
-        raise ValueError("reward 'owlvit': tiny=True has no pretrained weights; use pretrained=False")
-    if not pretrained and override is None:
+    if not needs_weights("owlvit", pretrained, override, tiny):
         model = OwlViTForObjectDetection(owlvit_config(tiny))
     else:
         path = resolve("owlvit", MAIN, OWLVIT_SOURCE, override)

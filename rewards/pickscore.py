@@ -14,7 +14,15 @@ from rewards.clip import build_clip_tokenizer
 from rewards.registry import register_reward
 from rewards.text import PromptCache
 from rewards.transforms import CLIP_224
-from rewards.weights import MAIN, WeightsArg, WeightSource, load_state_dict_strict, read_state_dict, resolve
+from rewards.weights import (
+    MAIN,
+    WeightsArg,
+    WeightSource,
+    load_state_dict_strict,
+    needs_weights,
+    read_state_dict,
+    resolve,
+)
 
 PICKSCORE_SOURCE = WeightSource(repo_id="yuvalkirstain/PickScore_v1")
 VISION_VIT_H_14 = dict(
@@ -84,9 +92,7 @@ class CLIPPreferenceReward(Reward):
 def pickscore(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None, tiny: bool = False) -> Reward:
     """PickScore v1 (CLIP-H/14 tuned on Pick-a-Pic preferences): 100 x cosine(image, prompt); needs prompts."""
     override = (weights or {}).get(MAIN)
-    if tiny and pretrained and override is None:
-        raise ValueError("reward 'pickscore': tiny=True has no pretrained weights; use pretrained=False")
-    if not pretrained and override is None:
+    if not needs_weights("pickscore", pretrained, override, tiny):
         return CLIPPreferenceReward(CLIPModel(pickscore_config(tiny)))
     path = resolve("pickscore", MAIN, PICKSCORE_SOURCE, override)
     config = CLIPConfig.from_pretrained(path) if (path / "config.json").exists() else pickscore_config(tiny)

@@ -225,6 +225,14 @@ def load_state_dict_strict(
     module.load_state_dict(state, strict=True)
 
 
+def needs_weights(reward: str, pretrained: bool, override: WeightsArg | None, tiny: bool = False) -> bool:
+    """Whether a component loads weights (``pretrained`` or given explicitly) rather than keeping its random
+    initialisation; tiny test variants have no published weights, so asking for them is an error."""
+    if tiny and pretrained and override is None:
+        raise ValueError(f"reward '{reward}': tiny=True has no pretrained weights; use pretrained=False")
+    return pretrained or override is not None
+
+
 def load_component(
     module: nn.Module,
     *,
@@ -237,7 +245,7 @@ def load_component(
 ) -> nn.Module:
     """Load a component's weights into ``module`` when ``pretrained`` or when given explicitly; else leave the
     random initialisation. Returns ``module``."""
-    if not pretrained and override is None:
+    if not needs_weights(reward, pretrained, override):
         return module
     path = resolve(reward, component, source, override)
     load_state_dict_strict(
