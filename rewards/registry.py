@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib.util
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,12 @@ class RewardEntry:
     builder: Builder
     components: tuple[str, ...]
     description: str
+    requires: tuple[str, ...] = ()
+    """Optional packages the reward needs (installed by an extra, e.g. ``ultralytics`` for ``yolo``)."""
+
+    @property
+    def missing_packages(self) -> tuple[str, ...]:
+        return tuple(m for m in self.requires if importlib.util.find_spec(m) is None)
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -35,11 +42,14 @@ class RewardEntry:
 _REGISTRY: dict[str, RewardEntry] = {}
 
 
-def register_reward(name: str, components: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+def register_reward(
+    name: str, components: tuple[str, ...] = (), requires: tuple[str, ...] = ()
+) -> Callable[[Builder], Builder]:
     """Register a builder ``fn(pretrained: bool, weights: dict[str, path or hub id], **options) -> Reward``.
 
     ``components`` names the parts that have weights (e.g. ``("clip", "head")``); a reward with one part uses
-    ``("main",)`` and accepts ``weights=PATH``; a weight-free reward uses ``()``. The builder's docstring's first
+    ``("main",)`` and accepts ``weights=PATH``; a weight-free reward uses ``()``. ``requires`` names optional
+    packages the builder imports. The builder's docstring's first
     line is the description shown by ``python -m rewards list``.
     """
 
@@ -47,7 +57,8 @@ def register_reward(name: str, components: tuple[str, ...] = ()) -> Callable[[Bu
         if name in _REGISTRY:
             raise ValueError(f"reward '{name}' is already registered")
         doc = inspect.getdoc(builder) or ""
-        _REGISTRY[name] = RewardEntry(name, builder, tuple(components), doc.splitlines()[0] if doc else "")
+        description = doc.splitlines()[0] if doc else ""
+        _REGISTRY[name] = RewardEntry(name, builder, tuple(components), description, tuple(requires))
         return builder
 
     return decorator
