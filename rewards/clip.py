@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from rewards.weights import WeightsArg, WeightSource, load_state_dict_strict, needs_weights, read_state_dict, resolve
+from rewards.weights import WeightsArg, WeightSource, build_model
 
 CLIP_VIT_L_14 = dict(
     hidden_size=1024,
@@ -60,16 +60,18 @@ def build_clip_vision(
     weights; a transformers directory brings its own ``config.json``, a single state-dict file is loaded into
     ``geometry``. Loading is strict, skipping only the text-tower keys of full CLIP checkpoints.
     """
-    config = CLIPVisionConfig(**(tiny_config(geometry) if tiny else geometry))
-    if not needs_weights(reward, pretrained, override, tiny):
-        return CLIPVisionModelWithProjection(config)
-    path = resolve(reward, component, source, override)
-    if path.is_dir() and (path / "config.json").exists():
-        config = read_vision_config(path)
-    model = CLIPVisionModelWithProjection(config)
-    what = f"checkpoint {path} for '{reward}' component '{component}'"
-    load_state_dict_strict(model, read_state_dict(path), what, ignore=TEXT_TOWER_KEYS)
-    return model
+    return build_model(
+        CLIPVisionModelWithProjection,
+        CLIPVisionConfig(**(tiny_config(geometry) if tiny else geometry)),
+        reward=reward,
+        component=component,
+        source=source,
+        pretrained=pretrained,
+        override=override,
+        tiny=tiny,
+        ignore=TEXT_TOWER_KEYS,
+        read_config=read_vision_config,
+    )
 
 
 def build_clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:

@@ -15,6 +15,13 @@ def check_detection_options(mode: str, aggregation: str) -> None:
         raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {aggregation!r}")
 
 
+def detection_scale(mode: str, aggregation: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(typical_range, normalization)`` of a detector reward (nominal values, stated in the model cards):
+    soft counts of 0-5 (mean 1, std 1), max probabilities of 0-1 (mean 0.3, std 0.2), negated for removal."""
+    (low, high), (mean, std) = ((0.0, 5.0), (1.0, 1.0)) if aggregation == "soft_count" else ((0.0, 1.0), (0.3, 0.2))
+    return ((low, high), (mean, std)) if mode == "add" else ((-high, -low), (-mean, std))
+
+
 def aggregate(
     probabilities: torch.Tensor, mode: str, aggregation: str, threshold: float | None, temperature: float
 ) -> torch.Tensor:

@@ -13,18 +13,10 @@ from transformers import OwlViTConfig, OwlViTForObjectDetection
 
 from rewards.base import Reward
 from rewards.clip import build_clip_tokenizer
-from rewards.detection import aggregate, check_detection_options
+from rewards.detection import aggregate, check_detection_options, detection_scale
 from rewards.registry import register_reward
 from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
-from rewards.weights import (
-    MAIN,
-    WeightsArg,
-    WeightSource,
-    load_state_dict_strict,
-    needs_weights,
-    read_state_dict,
-    resolve,
-)
+from rewards.weights import MAIN, WeightsArg, WeightSource, build_model
 
 OWLVIT_SOURCE = WeightSource(repo_id="google/owlvit-base-patch32")
 
@@ -61,11 +53,7 @@ class DetectionReward(Reward):
         self.query, self.mode, self.aggregation = query, mode, aggregation
         self.threshold, self.temperature = threshold, temperature
         self.input_size = model.config.vision_config.image_size
-        self.typical_range = (0.0, 5.0) if aggregation == "soft_count" else (0.0, 1.0)
-        self.normalization = (1.0, 1.0) if aggregation == "soft_count" else (0.3, 0.2)
-        if mode == "remove":
-            self.typical_range = (-self.typical_range[1], -self.typical_range[0])
-            self.normalization = (-self.normalization[0], self.normalization[1])
+        self.typical_range, self.normalization = detection_scale(mode, aggregation)
         tokenizer = build_clip_tokenizer(max_length=model.config.text_config.max_position_embeddings, pad_token="!")
         tokens = tokenizer([query], padding="max_length", truncation=True, return_tensors="pt")
         self.register_buffer("input_ids", tokens.input_ids, persistent=False)
@@ -104,13 +92,14 @@ def owlvit(
     """OWL-ViT B/32 detection of a text query: soft count (or max) of boxes; mode='add' or 'remove'."""
     if query is None:
         raise ValueError("owlvit needs a text query, e.g. get_reward('owlvit', query='strawberry', mode='add')")
-    override = (weights or {}).get(MAIN)
-    if not needs_weights("owlvit", pretrained, override, tiny):
-        model = OwlViTForObjectDetection(owlvit_config(tiny))
-    else:
-        path = resolve("owlvit", MAIN, OWLVIT_SOURCE, override)
-        model = OwlViTForObjectDetection(
-            OwlViTConfig.from_pretrained(path) if (path / "config.json").exists() else owlvit_config(tiny)
-        )
-        load_state_dict_strict(model, read_state_dict(path), f"checkpoint {path} for 'owlvit'", ("*.position_ids",))
+    model = build_model(
+        OwlViTForObjectDetection,
+        owlvit_config(tiny),
+        reward="owlvit",
+        component=MAIN,
+        source=OWLVIT_SOURCE,
+        pretrained=pretrained,
+        override=(weights or {}).get(MAIN),
+        tiny=tiny,
+    )
     return DetectionReward(model, query, mode, aggregation, threshold, temperature)

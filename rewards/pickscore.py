@@ -14,15 +14,7 @@ from rewards.clip import build_clip_tokenizer
 from rewards.registry import register_reward
 from rewards.text import PromptCache
 from rewards.transforms import CLIP_224
-from rewards.weights import (
-    MAIN,
-    WeightsArg,
-    WeightSource,
-    load_state_dict_strict,
-    needs_weights,
-    read_state_dict,
-    resolve,
-)
+from rewards.weights import MAIN, WeightsArg, WeightSource, build_model
 
 PICKSCORE_SOURCE = WeightSource(repo_id="yuvalkirstain/PickScore_v1")
 VISION_VIT_H_14 = dict(
@@ -45,8 +37,6 @@ TEXT_VIT_H_14 = dict(
     hidden_act="gelu",
     layer_norm_eps=1e-5,
 )
-IGNORED_KEYS = ("*.position_ids",)
-"""Legacy buffers some CLIP checkpoints carry; current transformers does not use them."""
 
 
 def pickscore_config(tiny: bool = False) -> CLIPConfig:
@@ -91,11 +81,14 @@ class CLIPPreferenceReward(Reward):
 @register_reward("pickscore", components=(MAIN,))
 def pickscore(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None, tiny: bool = False) -> Reward:
     """PickScore v1 (CLIP-H/14 tuned on Pick-a-Pic preferences): 100 x cosine(image, prompt); needs prompts."""
-    override = (weights or {}).get(MAIN)
-    if not needs_weights("pickscore", pretrained, override, tiny):
-        return CLIPPreferenceReward(CLIPModel(pickscore_config(tiny)))
-    path = resolve("pickscore", MAIN, PICKSCORE_SOURCE, override)
-    config = CLIPConfig.from_pretrained(path) if (path / "config.json").exists() else pickscore_config(tiny)
-    model = CLIPModel(config)
-    load_state_dict_strict(model, read_state_dict(path), f"checkpoint {path} for 'pickscore'", IGNORED_KEYS)
+    model = build_model(
+        CLIPModel,
+        pickscore_config(tiny),
+        reward="pickscore",
+        component=MAIN,
+        source=PICKSCORE_SOURCE,
+        pretrained=pretrained,
+        override=(weights or {}).get(MAIN),
+        tiny=tiny,
+    )
     return CLIPPreferenceReward(model)

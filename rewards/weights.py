@@ -20,7 +20,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,6 +231,34 @@ def needs_weights(reward: str, pretrained: bool, override: WeightsArg | None, ti
     if tiny and pretrained and override is None:
         raise ValueError(f"reward '{reward}': tiny=True has no pretrained weights; use pretrained=False")
     return pretrained or override is not None
+
+
+def build_model(
+    model_class: type[nn.Module],
+    config: object,
+    *,
+    reward: str,
+    component: str,
+    source: WeightSource,
+    pretrained: bool,
+    override: WeightsArg | None,
+    tiny: bool = False,
+    ignore: Sequence[str] = ("*.position_ids",),
+    read_config: Callable[[Path], object] | None = None,
+) -> nn.Module:
+    """A transformers model: random at ``config`` unless weights are wanted (:func:`needs_weights`); a
+    ``save_pretrained`` directory brings its own ``config.json`` (read with ``read_config``, by default the model's
+    config class), a single state-dict file is loaded into ``config``. Loading is strict, skipping only ``ignore``
+    (by default the legacy ``position_ids`` buffers that current transformers does not use)."""
+    if not needs_weights(reward, pretrained, override, tiny):
+        return model_class(config)
+    path = resolve(reward, component, source, override)
+    if path.is_dir() and (path / "config.json").exists():
+        config = (read_config or model_class.config_class.from_pretrained)(path)
+    model = model_class(config)
+    what = f"checkpoint {path} for '{reward}' component '{component}'"
+    load_state_dict_strict(model, read_state_dict(path), what, ignore)
+    return model
 
 
 def load_component(

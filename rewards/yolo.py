@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from rewards.base import Reward
-from rewards.detection import aggregate, check_detection_options
+from rewards.detection import aggregate, check_detection_options, detection_scale
 from rewards.registry import register_reward
 from rewards.transforms import resize_longer_side_and_pad
 from rewards.weights import MAIN, WeightsArg, load_state_dict_strict, read_state_dict
@@ -97,11 +97,7 @@ class YOLOReward(Reward):
         self.model = model
         self.mode, self.aggregation, self.threshold, self.temperature = mode, aggregation, threshold, temperature
         self.register_buffer("classes", torch.tensor(list(classes), dtype=torch.long), persistent=False)
-        self.typical_range = (0.0, 5.0) if aggregation == "soft_count" else (0.0, 1.0)
-        self.normalization = (1.0, 1.0) if aggregation == "soft_count" else (0.3, 0.2)
-        if mode == "remove":
-            self.typical_range = (-self.typical_range[1], -self.typical_range[0])
-            self.normalization = (-self.normalization[0], self.normalization[1])
+        self.typical_range, self.normalization = detection_scale(mode, aggregation)
         self.freeze()
 
     def class_probabilities(self, images: torch.Tensor) -> torch.Tensor:
