@@ -13,7 +13,7 @@ from transformers import OwlViTConfig, OwlViTForObjectDetection
 
 from rewards.base import Reward
 from rewards.clip import build_clip_tokenizer
-from rewards.detection import aggregate, check_detection_options, detection_scale
+from rewards.detection import DetectorReward
 from rewards.registry import register_reward
 from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
 from rewards.weights import MAIN, WeightsArg, WeightSource, build_model
@@ -30,7 +30,7 @@ def owlvit_config(tiny: bool = False) -> OwlViTConfig:
     return OwlViTConfig(text_config=small, vision_config=small, projection_dim=32)
 
 
-class DetectionReward(Reward):
+class DetectionReward(DetectorReward):
     """Soft count or max probability of boxes matching ``query`` (negated for ``mode="remove"``)."""
 
     name = "owlvit"
@@ -45,15 +45,12 @@ class DetectionReward(Reward):
         threshold: float | None = None,
         temperature: float = 0.05,
     ) -> None:
-        super().__init__()
-        check_detection_options(mode, aggregation)
+        super().__init__(mode, aggregation, threshold, temperature)
         if not isinstance(query, str) or not query.strip():
             raise ValueError("owlvit needs a text query, e.g. get_reward('owlvit', query='strawberry')")
         self.model = model
-        self.query, self.mode, self.aggregation = query, mode, aggregation
-        self.threshold, self.temperature = threshold, temperature
+        self.query = query
         self.input_size = model.config.vision_config.image_size
-        self.typical_range, self.normalization = detection_scale(mode, aggregation)
         tokenizer = build_clip_tokenizer(max_length=model.config.text_config.max_position_embeddings, pad_token="!")
         tokens = tokenizer([query], padding="max_length", truncation=True, return_tensors="pt")
         self.register_buffer("input_ids", tokens.input_ids, persistent=False)
@@ -73,9 +70,8 @@ class DetectionReward(Reward):
         )
         return outputs.logits[..., 0]
 
-    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        probabilities = torch.sigmoid(self.box_logits(images).float())
-        return aggregate(probabilities, self.mode, self.aggregation, self.threshold, self.temperature)
+    def box_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.box_logits(images).float())
 
 
 @register_reward("owlvit", components=(MAIN,))

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from rewards.base import Reward
-from rewards.detection import aggregate, check_detection_options, detection_scale
+from rewards.detection import DetectorReward
 from rewards.registry import register_reward
 from rewards.transforms import resize_longer_side_and_pad
 from rewards.weights import MAIN, WeightsArg, load_state_dict_strict, read_state_dict
@@ -77,7 +77,7 @@ def reinitialise(model: torch.nn.Module) -> None:
                 module.bias.data.zero_()
 
 
-class YOLOReward(Reward):
+class YOLOReward(DetectorReward):
     """Aggregated probabilities of the target COCO class(es) over YOLOv8's candidate boxes."""
 
     name = "yolo"
@@ -92,24 +92,17 @@ class YOLOReward(Reward):
         threshold: float | None = None,
         temperature: float = 0.05,
     ) -> None:
-        super().__init__()
-        check_detection_options(mode, aggregation)
+        super().__init__(mode, aggregation, threshold, temperature)
         self.model = model
-        self.mode, self.aggregation, self.threshold, self.temperature = mode, aggregation, threshold, temperature
         self.register_buffer("classes", torch.tensor(list(classes), dtype=torch.long), persistent=False)
-        self.typical_range, self.normalization = detection_scale(mode, aggregation)
         self.freeze()
 
-    def class_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+    def box_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 8400] probability of the target class(es) per candidate box (max over a set of classes)."""
         x = resize_longer_side_and_pad(images, INPUT_SIZE, LETTERBOX_FILL, "bilinear")
         output = self.model(x)
         predictions = output[0] if isinstance(output, (list, tuple)) else output  # [B, 4 + classes, boxes]
         return predictions[:, 4 + self.classes, :].float().amax(dim=1)
-
-    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        probabilities = self.class_probabilities(images)
-        return aggregate(probabilities, self.mode, self.aggregation, self.threshold, self.temperature)
 
 
 @register_reward("yolo", components=(MAIN,), requires=("ultralytics",))
