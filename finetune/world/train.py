@@ -1,0 +1,54 @@
+"""Rebuild the embedded world's shipped weights: ``python -m finetune.world.train {classifier,pipeline}``.
+
+Both are seeded; the defaults are the settings the shipped files were made with (their model card and
+``provenance.json`` record the command, seed and commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from rewards.shapes.classifier import WEIGHTS_FILE
+
+
+def git_commit() -> str:
+    """The working tree's commit (with ``+dirty`` when it has changes), or ``unknown`` outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.strip() + ("+dirty" if dirty.strip() else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.world.train", description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=("classifier", "pipeline"))
+    parser.add_argument("--output", type=Path, help="where to write (default: the shipped location)")
+    parser.add_argument("--steps", type=int, help="training steps (default: the shipped setting)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    command = "python -m finetune.world.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.part == "classifier":
+        from finetune.world.classifier import train_classifier
+
+        output = args.output or WEIGHTS_FILE
+        metrics = train_classifier(output, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
+    else:
+        from finetune.world.pipeline import SHIPPED_PIPELINE, train_pipeline
+
+        output = args.output or SHIPPED_PIPELINE
+        metrics = train_pipeline(output, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
+    provenance = {"command": command, "seed": args.seed, "commit": git_commit(), **metrics}
+    print(json.dumps(provenance, indent=2))
+    record = output.parent / f"{output.stem}.provenance.json" if output.suffix else output / "provenance.json"
+    record.write_text(json.dumps(provenance, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""The shapes-world classifier and the ``shapes`` reward built on it.
+
+A small CNN trained by the project (``python -m finetune.world.train classifier``) predicts a world image's
+shape count (0-3), colour, kind and size. Its outputs give the world's objectives, mirroring DRaFT's:
+object addition and removal (expected count up or down), a target colour or kind, bigger or smaller shapes, and
+agreement with the prompt (log-probability of the caption's count, colour and kind).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rewards.base import Reward
+from rewards.registry import register_reward
+from rewards.shapes.world import COLORS, MAX_COUNT, RESOLUTION, SHAPES, parse_caption
+from rewards.transforms import resize
+from rewards.weights import MAIN, WeightsArg, WeightSource, load_component
+
+WEIGHTS_FILE = Path(__file__).parent / "classifier.safetensors"
+"""The shipped weights (trained by ``python -m finetune.world.train classifier``)."""
+OBJECTIVES = ("prompt", "count", "color", "shape", "size")
+MODES = {"count": ("add", "remove"), "size": ("grow", "shrink")}
+"""Directions of the objectives that have one (the first is the default)."""
+MEAN, STD = 0.5, 0.25
+
+
+@dataclass
+class Prediction:
+    """Per-head outputs for a batch: log-probabilities (count, color, shape) and size in [0, 1]."""
+
+    count: torch.Tensor
+    color: torch.Tensor
+    shape: torch.Tensor
+    size: torch.Tensor
+
+    def labels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Most likely (count, color index, shape index) per image."""
+        return self.count.argmax(1), self.color.argmax(1), self.shape.argmax(1)
+
+
+def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
+
+
+class ShapesClassifier(nn.Module):
+    """CNN on 32x32 images in [0, 1]: three stages (32, 16, 8 px), global average pooling, four heads."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _block(3, w, 1),
+            _block(w, w, 1),
+            _block(w, 2 * w, 2),
+            _block(2 * w, 2 * w, 1),
+            _block(2 * w, 4 * w, 2),
+            _block(4 * w, 4 * w, 1),
+        )
+        self.count = nn.Linear(4 * w, MAX_COUNT + 1)
+        self.color = nn.Linear(4 * w, len(COLORS))
+        self.shape = nn.Linear(4 * w, len(SHAPES))
+        self.size = nn.Linear(4 * w, 1)
+
+    def forward(self, images: torch.Tensor) -> Prediction:
+        if images.shape[-2:] != (RESOLUTION, RESOLUTION):
+            images = resize(images, (RESOLUTION, RESOLUTION), "bilinear")
+        h = self.features((images - MEAN) / STD).mean(dim=(2, 3))
+        return Prediction(
+            count=F.log_softmax(self.count(h), 1),
+            color=F.log_softmax(self.color(h), 1),
+            shape=F.log_softmax(self.shape(h), 1),
+            size=torch.sigmoid(self.size(h))[:, 0],
+        )
+
+
+def caption_targets(prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, color index, shape index) tensors for world captions."""
+    parsed = [parse_caption(p) for p in prompts]
+    return tuple(  # type: ignore[return-value]
+        torch.tensor(values, device=device)
+        for values in zip(*[(n, list(COLORS).index(c), SHAPES.index(s)) for n, c, s in parsed], strict=True)
+    )
+
+
+def prompt_agreement(prediction: Prediction, prompts: list[str]) -> torch.Tensor:
+    """Per image, 1.0 when the classifier's most likely count, colour and kind all match the caption, else 0.0."""
+    targets = caption_targets(prompts, prediction.count.device)
+    return torch.stack([p == t for p, t in zip(prediction.labels(), targets, strict=True)]).all(0).float()
+
+
+class ShapesReward(Reward):
+    """One objective read off :class:`ShapesClassifier`; see :func:`shapes` for the options."""
+
+    name = "shapes"
+    input_size = RESOLUTION
+
+    def __init__(self, classifier: ShapesClassifier, objective: str, target: str | None, sign: float) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.objective = objective
+        self.needs_prompts = objective == "prompt"
+        self.sign = sign
+        self.target = target
+        self.typical_range, self.normalization = TYPICAL[objective]
+        self.freeze()
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        prediction = self.classifier(images)
+        if self.objective == "prompt":
+            targets = caption_targets(prompts, images.device)
+            heads = (prediction.count, prediction.color, prediction.shape)
+            return sum(h.gather(1, t[:, None])[:, 0] for h, t in zip(heads, targets, strict=True))
+        if self.objective == "count":
+            counts = torch.arange(MAX_COUNT + 1, device=images.device, dtype=prediction.count.dtype)
+            return self.sign * (prediction.count.exp() * counts).sum(1)
+        if self.objective == "size":
+            return self.sign * prediction.size
+        if self.objective == "color":
+            return prediction.color[:, list(COLORS).index(self.target)]
+        return prediction.shape[:, SHAPES.index(self.target)]
+
+    def extra_repr(self) -> str:
+        target = f", target={self.target!r}" if self.target else ""
+        return f"objective={self.objective!r}{target}, sign={self.sign:+g}"
+
+
+TYPICAL: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    # objective: (typical range, (mean, std) normalisation), measured on the embedded pipeline's samples.
+    "prompt": ((-1.0, 0.0), (-0.5, 0.5)),
+    "count": ((1.0, 3.0), (2.0, 0.8)),
+    "color": ((-10.0, 0.0), (-5.0, 4.0)),
+    "shape": ((-10.0, 0.0), (-5.0, 4.0)),
+    "size": ((0.0, 1.0), (0.5, 0.3)),
+}
+
+
+@register_reward("shapes", components=(MAIN,))
+def shapes(
+    pretrained: bool = True,
+    weights: dict[str, WeightsArg] | None = None,
+    objective: str = "prompt",
+    mode: str | None = None,
+    target: str | None = None,
+) -> Reward:
+    """Embedded shapes-world classifier: prompt agreement, add/remove shapes, colour, kind or size (no download)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}; got {objective!r}")
+    modes = MODES.get(objective, (None,))
+    mode = modes[0] if mode is None else mode
+    if mode not in modes:
+        raise ValueError(f"objective={objective!r} takes mode= one of {modes}; got {mode!r}")
+    choices = {"color": tuple(COLORS), "shape": SHAPES}.get(objective)
+    if choices is not None and target not in choices:
+        raise ValueError(f"objective={objective!r} needs target= one of {choices}; got {target!r}")
+    if choices is None and target is not None:
+        raise ValueError(f"objective={objective!r} takes no target (only 'color' and 'shape' do)")
+    override = (weights or {}).get(MAIN)
+    if pretrained and override is None:
+        if not WEIGHTS_FILE.exists():
+            raise FileNotFoundError(
+                f"the shipped shapes classifier {WEIGHTS_FILE} is missing; reinstall the package or regenerate it "
+                f"with `python -m finetune.world.train classifier`"
+            )
+        override = WEIGHTS_FILE
+    classifier = load_component(
+        ShapesClassifier(),
+        reward="shapes",
+        component=MAIN,
+        source=WeightSource(),
+        pretrained=pretrained,
+        override=override,
+    )
+    sign = -1.0 if mode in ("remove", "shrink") else 1.0
+    return ShapesReward(classifier, objective, target, sign)
