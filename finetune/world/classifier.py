@@ -57,7 +57,7 @@ def loss_and_accuracy(model: ShapesClassifier, batch: Batch, images: torch.Tenso
     return loss, correct.float().mean().item()
 
 
-def train_classifier(output: Path, steps: int = 1500, batch_size: int = 128, seed: int = 0) -> dict:
+def train_classifier(output: Path, steps: int = 500, batch_size: int = 128, seed: int = 0) -> dict:
     """Train from scratch, write ``output`` (safetensors, atomically) and return held-out metrics."""
     torch.manual_seed(seed)
     rng = random.Random(seed)

@@ -219,7 +219,7 @@ def train_denoiser(
 
 
 def train_pipeline(
-    output: Path, steps: int = 5000, vae_steps: int = 600, dataset_size: int = 32768, seed: int = 0
+    output: Path, steps: int = 6000, vae_steps: int = 600, dataset_size: int = 32768, seed: int = 0
 ) -> dict:
     """Train the world pipeline from scratch and save it (diffusers format) to ``output``, replacing it whole."""
     start = time.perf_counter()

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     command = "python -m finetune.world.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    commit = git_commit()  # before training: the code that produced the weights
     if args.part == "classifier":
         from finetune.world.classifier import train_classifier
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         output = args.output or SHIPPED_PIPELINE
         metrics = train_pipeline(output, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
-    provenance = {"command": command, "seed": args.seed, "commit": git_commit(), **metrics}
+    provenance = {"command": command, "seed": args.seed, "commit": commit, **metrics}
     print(json.dumps(provenance, indent=2))
     record = output.parent / f"{output.stem}.provenance.json" if output.suffix else output / "provenance.json"
     record.write_text(json.dumps(provenance, indent=2) + "\n")
