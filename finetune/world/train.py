@@ -19,7 +19,7 @@ def git_commit() -> str:
     """The working tree's commit (with ``+dirty`` when it has changes), or ``unknown`` outside a git checkout."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit.strip() + ("+dirty" if dirty.strip() else "")
