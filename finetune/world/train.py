@@ -1,7 +1,9 @@
-"""Rebuild the embedded world's shipped weights: ``python -m finetune.world.train {classifier,pipeline}``.
+"""Rebuild the embedded world's shipped weights: ``python -m finetune.world.train {classifier,pipeline,decoder}``.
 
-Both are seeded; the defaults are the settings the shipped files were made with (their model card and
-``provenance.json`` record the command, seed and commit).
+``pipeline`` runs all three stages of the world pipeline (VAE, denoiser, decoder refinement); ``decoder`` runs only
+the third on an existing pipeline directory, with the same seed, so it gives the same weights. Everything is
+seeded; the defaults are the settings of the shipped files (their model cards and ``provenance.json`` files record
+the command, seed and commit).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ def git_commit() -> str:
     """The working tree's commit (with ``+dirty`` when it has changes), or ``unknown`` outside a git checkout."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit.strip() + ("+dirty" if dirty.strip() else "")
@@ -27,7 +31,7 @@ def git_commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.world.train", description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("classifier", "pipeline"))
+    parser.add_argument("part", choices=("classifier", "pipeline", "decoder"))
     parser.add_argument("--output", type=Path, help="where to write (default: the shipped location)")
     parser.add_argument("--steps", type=int, help="training steps (default: the shipped setting)")
     parser.add_argument("--seed", type=int, default=0)
@@ -39,14 +43,21 @@ def main(argv: list[str] | None = None) -> int:
 
         output = args.output or WEIGHTS_FILE
         metrics = train_classifier(output, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
-    else:
+    elif args.part == "pipeline":
         from finetune.world.pipeline import SHIPPED_PIPELINE, train_pipeline
 
         output = args.output or SHIPPED_PIPELINE
         metrics = train_pipeline(output, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
+    else:
+        from finetune.world.pipeline import SHIPPED_PIPELINE, refine_decoder_of
+
+        output = args.output or SHIPPED_PIPELINE
+        metrics = refine_decoder_of(output, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
     provenance = {"command": command, "seed": args.seed, "commit": commit, **metrics}
     print(json.dumps(provenance, indent=2))
     record = output.parent / f"{output.stem}.provenance.json" if output.suffix else output / "provenance.json"
+    if args.part == "decoder":  # a later stage of an existing pipeline: keep its record, add this one
+        provenance = {**json.loads(record.read_text()), "decoder_refinement": provenance}
     record.write_text(json.dumps(provenance, indent=2) + "\n")
     return 0
 
