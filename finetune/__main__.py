@@ -1,4 +1,5 @@
-"""Command line: ``python -m finetune train --model PATH --reward aesthetic --method draft-k ...``.
+"""Command line: ``python -m finetune train --model PATH --reward aesthetic --method draft-k ...`` and
+``python -m finetune demo [--output-dir DIR]`` (the embedded shapes world, CPU, no download).
 
 Settings come from the dataclass defaults, then ``--config FILE`` (YAML), then the flags given on the command line.
 """
@@ -53,7 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file of settings; flags given here override it")
     for name, options in FLAGS.items():
         train.add_argument("--" + name.replace("_", "-"), dest=name, **{"default": None, **options})
+    demo = commands.add_parser("demo", help="run DRaFT, LoRA export and mixing in the embedded world (no download)")
+    demo.add_argument("--output-dir", default="outputs/demo", help="where the grids, LoRAs and report go")
+    demo.add_argument("--steps", type=int, help="training steps per LoRA (default: the demo's setting)")
     return parser
+
+
+def demo(args: argparse.Namespace) -> None:
+    from finetune.demo import DemoConfig, run_demo
+
+    config = DemoConfig(output_dir=args.output_dir, **({"steps": args.steps} if args.steps else {}))
+    summary = run_demo(config)
+    print(f"done in {summary['seconds']:.0f} s: see {Path(config.output_dir) / 'report.md'}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -84,9 +96,10 @@ def train(config: TrainConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = config_from_args(args)
-        if args.command == "train":
-            train(config)
+        if args.command == "demo":
+            demo(args)
+        else:
+            train(config_from_args(args))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

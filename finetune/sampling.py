@@ -7,7 +7,8 @@ memory stays nearly flat as the number of grad steps grows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -114,3 +115,30 @@ class Sampler:
 
         decoded = checkpoint(run, latents, use_reentrant=False) if self.checkpoint_decode else run(latents)
         return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def generate(
+    pipeline: StableDiffusionPipeline,
+    sampler: Sampler,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    latent_shape: tuple[int, int, int],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Images [len(prompts) * len(seeds), 3, H, W] in [0, 1]: full no-grad sampling, each seed's noise drawn
+    from its own generator so an image does not depend on the batching (row-major: every seed of the first
+    prompt, then the next prompt)."""
+    noises = torch.cat([torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    pairs = [(p, noise) for p in prompts for noise in noises]
+    images = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        noise = torch.stack([n for _, n in chunk]).to(device)
+        with autocast():
+            conditioning = encode_prompts(pipeline, [p for p, _ in chunk], sampler.guidance_scale)
+            latents = sampler.denoise(noise, conditioning, 0, len(sampler.timesteps), grad=False)
+            images.append(sampler.decode(latents).cpu())
+    return torch.cat(images)

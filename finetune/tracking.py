@@ -59,6 +59,32 @@ def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
     return Image.fromarray(array)
 
 
-def save_grid(images: torch.Tensor, path: Path, columns: int) -> None:
-    """Write an image grid as PNG (atomically)."""
-    atomic_write(path, lambda tmp: image_grid(images, columns).save(tmp, format="PNG"))
+def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int = 1) -> None:
+    """Write an image grid as PNG (atomically), enlarged ``scale`` times (nearest neighbour) for small images."""
+    grid = image_grid(images, columns)
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def labelled_grid(
+    images: torch.Tensor, columns: int, row_labels: list[str], column_labels: list[str], cell: int = 96
+) -> Image.Image:
+    """A grid with a text label left of each row and above each column; each image enlarged to ``cell`` pixels."""
+    from PIL import ImageDraw
+
+    rows = math.ceil(len(images) / columns)
+    margin_left, margin_top = 110, 24
+    canvas = Image.new("RGB", (margin_left + columns * cell, margin_top + rows * cell), "white")
+    draw = ImageDraw.Draw(canvas)
+    tile = image_grid(images, 1)  # one column: tile i is rows [i*h, (i+1)*h)
+    h = images.shape[-2]
+    for i in range(len(images)):
+        r, c = divmod(i, columns)
+        image = tile.crop((0, i * h, tile.width, (i + 1) * h)).resize((cell, cell), Image.NEAREST)
+        canvas.paste(image, (margin_left + c * cell, margin_top + r * cell))
+    for r, label in enumerate(row_labels):
+        draw.text((4, margin_top + r * cell + cell // 2 - 6), label, fill="black")
+    for c, label in enumerate(column_labels):
+        draw.text((margin_left + c * cell + 4, 6), label, fill="black")
+    return canvas

@@ -24,7 +24,7 @@ from finetune.lora import save_lora_weights
 from finetune.methods import METHODS, BatchRandom, MethodSettings
 from finetune.pipelines import check_pipeline
 from finetune.prompts import load_prompts
-from finetune.sampling import Conditioning, Sampler, encode_prompts
+from finetune.sampling import Conditioning, Sampler, encode_prompts, generate
 from finetune.tracking import MetricsLog, save_grid
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -255,23 +255,18 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        """Images [len(prompts) * len(seeds), 3, H, W] in [0, 1] from the current model: full no-grad sampling
-        with fixed seeds (row-major: every seed of the first prompt, then the next prompt)."""
-        noises = torch.cat(
-            [torch.randn((1, *self.latent_shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
+        """Images [len(prompts) * len(seeds), 3, H, W] in [0, 1] from the current model with fixed seeds."""
+        return generate(
+            self.pipeline,
+            self.sampler,
+            prompts,
+            seeds,
+            self.latent_shape,
+            self.config.batch_size,
+            self.device,
+            self.autocast,
         )
-        images = []
-        pairs = [(p, noise) for p in prompts for noise in noises]
-        for start in range(0, len(pairs), self.config.batch_size):
-            chunk = pairs[start : start + self.config.batch_size]
-            noise = torch.stack([n for _, n in chunk]).to(self.device)
-            with self.autocast():
-                conditioning = encode_prompts(self.pipeline, [p for p, _ in chunk], self.config.guidance_scale)
-                latents = self.sampler.denoise(noise, conditioning, 0, len(self.sampler.timesteps), grad=False)
-                images.append(self.sampler.decode(latents).cpu())
-        return torch.cat(images)
 
     @torch.no_grad()
     def evaluate(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ scores = reward(images)                   # images: float NCHW in [0, 1]; scores
 mix = 0.7 * get_reward("aesthetic") + 0.3 * get_reward("brightness")
 """
 
-from rewards import aesthetic, hps, owlvit, pickscore, resnet, shapes, simple, yolo  # noqa: F401  (register the members)
+from rewards import aesthetic, hps, imagereward, owlvit, pickscore, resnet, shapes, simple, yolo  # noqa: F401  (register the members)
 from rewards.base import Reward
 from rewards.combine import CombinedReward, combine, parse_reward_spec
 from rewards.registry import get_reward, list_rewards, register_reward

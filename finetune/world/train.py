@@ -52,12 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.world.pipeline import SHIPPED_PIPELINE, refine_decoder_of
 
         output = args.output or SHIPPED_PIPELINE
+        earlier = json.loads((output / "provenance.json").read_text())  # the save replaces the directory
         metrics = refine_decoder_of(output, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
     provenance = {"command": command, "seed": args.seed, "commit": commit, **metrics}
     print(json.dumps(provenance, indent=2))
     record = output.parent / f"{output.stem}.provenance.json" if output.suffix else output / "provenance.json"
     if args.part == "decoder":  # a later stage of an existing pipeline: keep its record, add this one
-        provenance = {**json.loads(record.read_text()), "decoder_refinement": provenance}
+        provenance = {**earlier, "decoder_refinement": provenance}
     record.write_text(json.dumps(provenance, indent=2) + "\n")
     return 0
 

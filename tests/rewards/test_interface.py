@@ -7,7 +7,11 @@ from rewards import Reward, get_reward, list_rewards
 from rewards.registry import get_entry
 
 # Options a reward needs to be built at all (a new reward with a required option must be added here).
-REQUIRED_OPTIONS = {"resnet50": {"target": "cat"}, "owlvit": {"query": "a strawberry"}}
+REQUIRED_OPTIONS = {
+    "resnet50": {"target": "cat"},
+    "owlvit": {"query": "a strawberry"},
+    "shapes": {"objective": "count"},
+}
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse", "a red car"]
 
 
