@@ -152,6 +152,31 @@ def known_modules(kind: str) -> dict[str, str]:
     return {kohya_name(n, kind): n for n in names}
 
 
+UNET_NAME_PARTS = (
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "attentions", "resnets", "downsamplers",
+    "upsamplers", "attn1", "attn2", "to_q", "to_k", "to_v", "to_out", "proj_in", "proj_out", "ff", "net", "proj",
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv",
+)  # fmt: skip
+"""Segments of diffusers UNet module names that LoRAs target (``_`` inside a segment is not a separator)."""
+_UNET_PARTS = "|".join(sorted(UNET_NAME_PARTS, key=len, reverse=True))  # longest first: conv_shortcut before conv
+_UNET_NAME = re.compile(rf"(?:{_UNET_PARTS}|\d+)(?:_|$)")
+
+
+def diffusers_unet_name(stem: str) -> str | None:
+    """``lora_unet_up_blocks_0_attentions_0_..._to_k`` -> ``unet.up_blocks.0.attentions.0...to_k`` for a UNet of any
+    diffusers geometry (the SD 1.5 table covers SD itself); ``None`` unless every segment is a known one."""
+    if not stem.startswith("lora_unet_"):
+        return None
+    rest, parts = stem.removeprefix("lora_unet_"), []
+    while rest:
+        match = _UNET_NAME.match(rest)
+        if match is None:
+            return None
+        parts.append(match.group(0).removesuffix("_"))
+        rest = rest[match.end() :]
+    return "unet." + ".".join(parts)
+
+
 def read(path: Path) -> LoRA:
     tensors, header = read_safetensors(path)
     refuse_unsupported(tensors, path)
@@ -166,14 +191,17 @@ def read(path: Path) -> LoRA:
     known = known_modules(kind)
     modules = {}
     for stem, parts in stems.items():
-        if stem not in known:
+        name = known.get(stem) or (diffusers_unet_name(stem) if kind == "sd" else None)
+        if name is None:
             label = "SDXL" if kind == "sdxl" else "SD 1.x/2.x"
-            raise ValueError(f"{path}: {stem!r} is not an {label} module name under the kohya grammar")
+            raise ValueError(
+                f"{path}: {stem!r} is not an {label} module name (nor a diffusers UNet name) under the kohya grammar"
+            )
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ValueError(f"{path}: module {stem} lacks its lora_down or lora_up weight")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
-        modules[known[stem]] = LoRAModule(down, up, alpha)
+        modules[name] = LoRAModule(down, up, alpha)
     base = header.get("ss_base_model_version") or ("sdxl_base_v1-0" if kind == "sdxl" else None)
     return LoRA(modules, base_model=base, metadata=header)
 

@@ -341,3 +341,17 @@ def test_diffusers_file_without_metadata_means_alpha_equals_rank(tmp_path):
     )
     loaded = load_lora(tmp_path / "plain.safetensors")
     assert loaded.modules[name].alpha == 3.0 and loaded.modules[name].scale == 1.0
+
+
+def test_kohya_reads_unet_names_beyond_sd15(tmp_path):
+    """A diffusers UNet of another geometry (the embedded world's has attention in up_blocks.0) round-trips."""
+    from compose.formats.kohya import diffusers_unet_name
+
+    names = ["unet.up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0", "unet.mid_block.resnets.1.conv1"]
+    lora = LoRA({n: LoRAModule(torch.randn(2, 8), torch.randn(8, 2), 2.0) for n in names})
+    save_lora(lora, tmp_path / "x.safetensors", format="kohya")
+    back = load_lora(tmp_path / "x.safetensors")
+    assert set(back.modules) == set(names)
+    for name in names:
+        assert torch.allclose(back.modules[name].delta(), lora.modules[name].delta(), atol=1e-6)
+    assert diffusers_unet_name("lora_unet_up_blocks_0_frobnicate") is None
