@@ -1,7 +1,7 @@
 """Sample efficiency in the embedded shapes world: held-out reward against the number of images sampled, for
 DRaFT-LV, DRaFT-K (K=1) and ReFL, several seeds each, all in one run on the same pipeline and reward.
 
-    python benchmarks/sample_efficiency.py [--steps 60] [--seeds 3] [--reward shapes:size] [--output DIR]
+    python benchmarks/sample_efficiency.py [--steps 60] [--seeds 3] [--output DIR]
 
 Writes ``sample_efficiency.png``, ``sample_efficiency.json`` (every point) and ``sample_efficiency.md`` (the
 figures and the ordering, whatever it is) to ``--output`` (default ``benchmarks/results``) and prints the table.
@@ -10,6 +10,7 @@ figures and the ordering, whatever it is) to ``--output`` (default ``benchmarks/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -17,39 +18,24 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import TrainConfig
-from finetune.demo import DemoConfig, split_prompts
+from finetune.demo import OBJECTIVES, DemoConfig, split_prompts
 from finetune.trainer import Trainer
-from finetune.world.pipeline import SHIPPED_PIPELINE, load_world_pipeline
+from finetune.world.pipeline import load_world_pipeline
 from rewards import get_reward
-from rewards.shapes import RESOLUTION
 
-METHODS = {"draft-lv": dict(method="draft-lv", lv_n=2), "draft-k": dict(method="draft-k", k=1), "refl": {}}
+METHODS = {"draft-lv": dict(lv_n=2), "draft-k": dict(k=1), "refl": {}}
+OBJECTIVE = OBJECTIVES[0]
+"""The demo's learned-classifier objective: bigger shapes (``shapes``, ``objective="size"``)."""
 
 
 def run(method: str, seed: int, steps: int, reward, work: Path) -> list[tuple[int, float]]:
     """(images sampled, held-out reward) at every evaluation of one training run."""
     train_prompts, held_out = split_prompts()
-    demo = DemoConfig()  # the demo's settings (lr, batch, sampling), so the regime matches what the demo shows
-    config = TrainConfig(
-        model=str(SHIPPED_PIPELINE),
-        **{"method": method, **METHODS[method]},
-        resolution=RESOLUTION,
-        num_inference_steps=demo.num_inference_steps,
-        guidance_scale=demo.guidance_scale,
-        lora_rank=demo.lora_rank,
-        steps=steps,
-        batch_size=demo.batch_size,
-        lr=demo.lr,
-        weight_decay=0.0,
-        seed=seed,
-        eval_seeds=(1000, 1001),
-        eval_every=max(1, steps // 4),
-        checkpoint_every=steps,
-        keep_checkpoints=1,
-        output_dir=str(work / f"{method}-{seed}"),
-        device="cpu",
-    )
+    # The demo's settings (lr, batch, sampling, LoRA), so the regime matches what the demo shows.
+    demo = DemoConfig(steps=steps, seed=seed, output_dir=str(work))
+    run_objective = dataclasses.replace(OBJECTIVE, name=f"{method}-{seed}")
+    settings = dict(method=method, eval_seeds=(1000, 1001), **METHODS[method])
+    config = dataclasses.replace(demo.train_config(run_objective), **settings)
     Trainer(load_world_pipeline(), reward, config, train_prompts, held_out).train()
     rows = map(json.loads, (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines())
     return [(row.get("images_seen", 0), row["eval_reward"]) for row in rows if "eval_reward" in row]
@@ -59,10 +45,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--reward", default="shapes:size", help="'shapes:size' (bigger shapes) or a reward name")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    reward = get_reward("shapes", objective="size") if args.reward == "shapes:size" else get_reward(args.reward)
+    reward = get_reward(OBJECTIVE.reward, **OBJECTIVE.options)
     results: dict[str, list[list[tuple[int, float]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:
@@ -104,8 +89,8 @@ def summarise(results: dict[str, list[list[tuple[int, float]]]], args: argparse.
     lines = [
         "# Sample efficiency in the embedded shapes world",
         "",
-        f"Command: `python benchmarks/sample_efficiency.py --steps {args.steps} --seeds {args.seeds} "
-        f"--reward {args.reward}`, the demo's settings (lr, batch, 10 DDIM steps, guidance 3, LoRA rank 4). "
+        f"Command: `python benchmarks/sample_efficiency.py --steps {args.steps} --seeds {args.seeds}`; reward "
+        "`shapes` (objective size) with the demo's settings (lr, batch, 10 DDIM steps, guidance 3, LoRA rank 4). "
         f"Held-out reward = mean over the demo's 12 held-out prompts x 2 seeds; gain = final minus initial. DRaFT-LV "
         f"(n=2) queries the reward twice per image sampled. Machine: CPU ({torch.get_num_threads()} threads).",
         "",
