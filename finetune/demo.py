@@ -121,14 +121,18 @@ class Demo:
         scores["agreement"] = prompt_following(images, prompts, self.classifier)["agreement"]
         return scores
 
-    def measure(self, pipeline: StableDiffusionPipeline, label: str, prompts: list[str] | None = None) -> dict:
-        """Sample ``prompts`` (default: the held-out ones) at the evaluation seeds, save a grid, return scores."""
+    def measure(
+        self, pipeline: StableDiffusionPipeline, label: str | None, prompts: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Sample ``prompts`` (default: the held-out ones) at the evaluation seeds; save ``grid_{label}.png``
+        unless ``label`` is None; return the scores and the first image."""
         config = self.config
         prompts = prompts or self.held_out
         _, images = evaluate_pipeline(
             pipeline, self.classifier, prompts, config.eval_seeds, config.num_inference_steps, config.guidance_scale
         )
-        save_grid(images, self.out / f"grid_{label}.png", len(config.eval_seeds), scale=4)
+        if label is not None:
+            save_grid(images, self.out / f"grid_{label}.png", len(config.eval_seeds), scale=4)
         return {**self.scores(images, [p for p in prompts for _ in config.eval_seeds]), "first_image": images[0]}
 
     def train_lora(self, objective: Objective) -> list[dict]:
@@ -155,11 +159,10 @@ class Demo:
         for a in tqdm(config.mix_weights, desc="mixing grid", unit="row"):
             for b in config.mix_weights:
                 add_to_pipeline(mix(loras, [a, b]), pipeline)
-                scores = self.measure(pipeline, "mix_cell", [config.mix_prompt])
+                scores = self.measure(pipeline, None, [config.mix_prompt])
                 images.append(scores.pop("first_image"))
                 cells.append({f"weight_{names[0]}": a, f"weight_{names[1]}": b, **scores})
                 pipeline.unet.load_state_dict(original)
-        (self.out / "grid_mix_cell.png").unlink()
         labels = [[f"{name} {w:+g}" for w in config.mix_weights] for name in names]
         grid = labelled_grid(torch.stack(images), len(config.mix_weights), *labels)
         atomic_write(self.out / "mixing_grid.png", lambda tmp: grid.save(tmp, format="PNG"))
