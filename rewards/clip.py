@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -74,13 +76,17 @@ def build_clip_vision(
     )
 
 
-def build_clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+def build_clip_tokenizer(
+    max_length: int = 77, pad_token: str = "<|endoftext|>", words: Sequence[str] | None = None
+) -> CLIPTokenizer:
     """OpenAI CLIP's BPE tokenizer as a transformers ``CLIPTokenizer``, built offline from the merges file that
     open_clip ships (the same vocabulary as ``openai/clip-vit-large-patch14``'s tokenizer files).
 
     The vocabulary is reconstructed the way OpenAI's ``SimpleTokenizer`` does: 256 byte symbols, the same with
     an end-of-word marker, one token per merge (48,894 merges), then the start and end tokens: 49,408 in all.
     ``pad_token``: Stable Diffusion pads with the end token; OWL-ViT's tokenizer pads with "!" (id 0).
+    ``words``: keep only the merges these words use, in CLIP's rank order, so that they split exactly as in CLIP;
+    a small vocabulary for a closed domain, in which any other text still tokenizes (into smaller pieces).
     """
     import gzip
 
@@ -90,8 +96,25 @@ def build_clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>")
     bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.decompress(bpe_path.read_bytes()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    if words is not None:
+        merges = _merges_used_by(words, merges)
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token=pad_token)
+
+
+def _merges_used_by(words: Sequence[str], merges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The merges that byte-pair encoding applies to ``words`` (lowest rank first, as CLIP does), in rank order."""
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    used: set[tuple[str, str]] = set()
+    for word in words:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            rank, i, pair = min((ranks.get(p, len(ranks)), i, p) for i, p in enumerate(itertools.pairwise(symbols)))
+            if rank == len(ranks):
+                break
+            used.add(pair)
+            symbols[i : i + 2] = ["".join(pair)]
+    return sorted(used, key=ranks.__getitem__)

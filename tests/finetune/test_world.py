@@ -27,6 +27,7 @@ def test_world_tokenizer_splits_world_words_as_clip_does():
     for text in [*world_words(), *all_captions()]:
         assert small.tokenize(text) == full.tokenize(text)
     assert small.tokenize("hello world") and small("a dog").input_ids[-1] == small.eos_token_id
+    assert small.get_vocab() == load_world_pipeline().tokenizer.get_vocab()  # what the shipped pipeline holds
 
 
 def test_training_script_runs_short(tmp_path):
