@@ -3,13 +3,11 @@ pipeline directory (written beside the target, then renamed into place)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from compose.files import atomic_write_directory
 from compose.lora import LoRA
 
 
@@ -22,14 +20,7 @@ def fuse_into_pipeline(lora: LoRA, base: str | Path, output: str | Path) -> Path
         raise ValueError(f"{output} exists; choose a new directory for the fused pipeline")
     pipeline = DiffusionPipeline.from_pretrained(str(base))
     add_to_pipeline(lora, pipeline, where=f"the pipeline in {base}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
-        pipeline.save_pretrained(staging)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    atomic_write_directory(output, pipeline.save_pretrained)
     return output
 
 

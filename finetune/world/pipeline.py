@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from compose.files import atomic_write_directory
 from finetune.pipelines import SD15_SCHEDULER, check_pipeline
 from rewards.clip import build_clip_tokenizer
 from rewards.shapes.world import COLORS, COUNT_WORDS, RESOLUTION, SHAPES, sample_batch
@@ -262,20 +261,6 @@ def train_pipeline(
 
 
 def save_pipeline(pipeline: StableDiffusionPipeline, output: Path) -> None:
-    """``save_pretrained`` into a temporary directory beside ``output``, then swap it in, so that an interrupted
-    save never leaves a half-written pipeline where a complete one was."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
-    try:
-        pipeline.save_pretrained(str(staging), safe_serialization=True)
-        if output.exists():
-            retired = staging.with_suffix(".old")
-            output.rename(retired)
-            staging.rename(output)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    """``save_pretrained`` to ``output`` atomically: an interrupted save never leaves a half-written pipeline where a
+    complete one was."""
+    atomic_write_directory(Path(output), lambda tmp: pipeline.save_pretrained(str(tmp), safe_serialization=True))

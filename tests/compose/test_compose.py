@@ -355,3 +355,22 @@ def test_kohya_reads_unet_names_beyond_sd15(tmp_path):
     for name in names:
         assert torch.allclose(back.modules[name].delta(), lora.modules[name].delta(), atol=1e-6)
     assert diffusers_unet_name("lora_unet_up_blocks_0_frobnicate") is None
+
+
+def test_atomic_write_directory_keeps_the_old_directory_on_failure(tmp_path):
+    from compose.files import atomic_write_directory
+
+    target = tmp_path / "pipeline"
+    atomic_write_directory(target, lambda d: (d / "a.txt").write_text("old"))
+
+    def fail(directory):
+        (directory / "a.txt").write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        atomic_write_directory(target, fail)
+    assert (target / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+    atomic_write_directory(target, lambda d: (d / "b.txt").write_text("new"))
+    assert [p.name for p in target.iterdir()] == ["b.txt"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "pipeline"
+    ]
