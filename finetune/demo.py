@@ -27,7 +27,7 @@ from finetune.checkpoint import atomic_write_text
 from finetune.config import TrainConfig
 from finetune.tracking import labelled_grid, save_grid
 from finetune.trainer import Trainer
-from finetune.world.evaluate import evaluate_pipeline, prompt_following
+from finetune.world.evaluate import evaluate_pipeline
 from finetune.world.pipeline import SHIPPED_PIPELINE, load_world_pipeline
 from rewards import get_reward
 from rewards.shapes.world import COLORS, MAX_COUNT, RESOLUTION, SHAPES, caption
@@ -115,38 +115,34 @@ class Demo:
         self.classifier = get_reward("shapes", objective="prompt").classifier
 
     @torch.no_grad()
-    def scores(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-        """Mean of each demo reward over ``images``, and the share that agrees with its prompt."""
-        scores = {name: reward(images, prompts).mean().item() for name, reward in self.rewards.items()}
-        scores["agreement"] = prompt_following(images, prompts, self.classifier)["agreement"]
-        return scores
-
     def measure(
         self, pipeline: StableDiffusionPipeline, label: str | None, prompts: list[str] | None = None
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, float], torch.Tensor]:
         """Sample ``prompts`` (default: the held-out ones) at the evaluation seeds; save ``grid_{label}.png``
-        unless ``label`` is None; return the scores and the first image."""
+        unless ``label`` is None; return the mean of each demo reward and the prompt agreement, and the images."""
         config = self.config
         prompts = prompts or self.held_out
-        _, images = evaluate_pipeline(
+        following, images = evaluate_pipeline(
             pipeline, self.classifier, prompts, config.eval_seeds, config.num_inference_steps, config.guidance_scale
         )
         if label is not None:
             save_grid(images, self.out / f"grid_{label}.png", len(config.eval_seeds), scale=4)
-        return {**self.scores(images, [p for p in prompts for _ in config.eval_seeds]), "first_image": images[0]}
+        image_prompts = [p for p in prompts for _ in config.eval_seeds]
+        scores = {name: reward(images, image_prompts).mean().item() for name, reward in self.rewards.items()}
+        return {**scores, "agreement": following["agreement"]}, images
 
-    def train_lora(self, objective: Objective) -> list[dict]:
-        """Train one LoRA, export it in diffusers and kohya formats; return its metrics (step 0 = evaluation only)."""
+    def train_lora(self, objective: Objective) -> tuple[list[dict], dict[str, float]]:
+        """Train one LoRA and export it in diffusers and kohya formats; return its metrics (step 0 = evaluation
+        only) and the fine-tuned model's scores."""
         pipeline = load_world_pipeline(self.config.pipeline)
         config = self.config.train_config(objective)
         Trainer(pipeline, self.rewards[objective.name], config, self.train_prompts, self.held_out).train()
         run_dir = Path(config.output_dir)
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         save_lora(load_lora(run_dir), run_dir / f"{objective.name}_kohya.safetensors", format="kohya")
-        self.summary[objective.name] = self.measure(pipeline, objective.name)
-        return history
+        return history, self.measure(pipeline, objective.name)[0]
 
-    def mixing_grid(self) -> None:
+    def mixing_grid(self) -> dict[str, Any]:
         """Sample ``a * LoRA_A + b * LoRA_B`` (compose's exact mix, merged into the weights) for every pair of
         weights on ``mix_prompt``: a labelled grid (first seed) and each cell's scores (all evaluation seeds).
         The (1, 1) mix is also measured on every held-out prompt."""
@@ -155,43 +151,36 @@ class Demo:
         loras = [load_lora(self.out / name) for name in names]
         pipeline = load_world_pipeline(config.pipeline)
         original = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
-        cells, images = [], []
+        cells, first_images = [], []
         for a in tqdm(config.mix_weights, desc="mixing grid", unit="row"):
             for b in config.mix_weights:
                 add_to_pipeline(mix(loras, [a, b]), pipeline)
-                scores = self.measure(pipeline, None, [config.mix_prompt])
-                images.append(scores.pop("first_image"))
+                scores, images = self.measure(pipeline, None, [config.mix_prompt])
+                first_images.append(images[0])
                 cells.append({f"weight_{names[0]}": a, f"weight_{names[1]}": b, **scores})
                 pipeline.unet.load_state_dict(original)
         labels = [[f"{name} {w:+g}" for w in config.mix_weights] for name in names]
-        grid = labelled_grid(torch.stack(images), len(config.mix_weights), *labels)
+        grid = labelled_grid(torch.stack(first_images), len(config.mix_weights), *labels)
         atomic_write(self.out / "mixing_grid.png", lambda tmp: grid.save(tmp, format="PNG"))
         add_to_pipeline(mix(loras, [1.0, 1.0]), pipeline)
-        self.summary["mixing"] = {"cells": cells, "mixed_1_1": self.measure(pipeline, "mixed")}
+        return {"cells": cells, "mixed_1_1": self.measure(pipeline, "mixed")[0]}
 
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.summary: dict[str, Any] = {"config": dataclasses.asdict(self.config), "held_out_prompts": self.held_out}
-        self.summary["base"] = self.measure(load_world_pipeline(self.config.pipeline), "base")
-        curves = {o.name: self.train_lora(o) for o in OBJECTIVES}
-        self.mixing_grid()
+        summary: dict[str, Any] = {"config": dataclasses.asdict(self.config), "held_out_prompts": self.held_out}
+        summary["base"] = self.measure(load_world_pipeline(self.config.pipeline), "base")[0]
+        curves = {}
+        for objective in OBJECTIVES:
+            curves[objective.name], summary[objective.name] = self.train_lora(objective)
+        summary["mixing"] = self.mixing_grid()
         lines = [json.dumps({"run": name, **row}) for name, history in curves.items() for row in history]
         atomic_write_text(self.out / "metrics.jsonl", "\n".join(lines) + "\n")
         plot_curves(curves, self.out / "reward_curve.png")
-        self.summary["seconds"] = time.perf_counter() - start
-        summary = _without_images(self.summary)
+        summary["seconds"] = time.perf_counter() - start
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write_text(self.out / "report.md", report(summary, self.config))
         return summary
-
-
-def _without_images(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_images(v) for k, v in value.items() if k != "first_image"}
-    if isinstance(value, list):
-        return [_without_images(v) for v in value]
-    return value
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:

@@ -70,19 +70,16 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int = 1) ->
 def labelled_grid(
     images: torch.Tensor, columns: int, row_labels: list[str], column_labels: list[str], cell: int = 96
 ) -> Image.Image:
-    """A grid with a text label left of each row and above each column; each image enlarged to ``cell`` pixels."""
+    """:func:`image_grid` with each image enlarged to ``cell`` pixels (nearest neighbour), a text label left of each
+    row and above each column."""
     from PIL import ImageDraw
 
-    rows = math.ceil(len(images) / columns)
+    grid = image_grid(images, columns)
+    grid = grid.resize((grid.width * cell // images.shape[-1], grid.height * cell // images.shape[-2]), Image.NEAREST)
     margin_left, margin_top = 110, 24
-    canvas = Image.new("RGB", (margin_left + columns * cell, margin_top + rows * cell), "white")
+    canvas = Image.new("RGB", (margin_left + grid.width, margin_top + grid.height), "white")
+    canvas.paste(grid, (margin_left, margin_top))
     draw = ImageDraw.Draw(canvas)
-    tile = image_grid(images, 1)  # one column: tile i is rows [i*h, (i+1)*h)
-    h = images.shape[-2]
-    for i in range(len(images)):
-        r, c = divmod(i, columns)
-        image = tile.crop((0, i * h, tile.width, (i + 1) * h)).resize((cell, cell), Image.NEAREST)
-        canvas.paste(image, (margin_left + c * cell, margin_top + r * cell))
     for r, label in enumerate(row_labels):
         draw.text((4, margin_top + r * cell + cell // 2 - 6), label, fill="black")
     for c, label in enumerate(column_labels):
