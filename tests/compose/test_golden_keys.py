@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from compose.formats import load_lora, save_lora
+from compose.formats.kohya import UNET_CONFIGS
 from compose.lora import LoRA, LoRAModule, canonical_name
 
 ATTENTION = r"(proj_in|proj_out|transformer_blocks_0_(attn[12]_(to_q|to_k|to_v|to_out_0)|ff_net_0_proj|ff_net_2))"
@@ -95,18 +96,7 @@ def test_sdxl_every_module_exports_to_an_accepted_kohya_name(tmp_path):
     from transformers import CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20),
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )
+        unet = UNet2DConditionModel(**UNET_CONFIGS["sdxl"])  # the real SDXL base geometry
         text_1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                               num_attention_heads=12, vocab_size=49408))  # fmt: skip
         text_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
