@@ -25,12 +25,6 @@ UNET_ACCEPTED = re.compile(
     r"|conv_in|conv_out|time_embedding_linear_[12])"
 )
 TEXT_ACCEPTED = re.compile(r"lora_te_text_model_encoder_layers_([0-9]|1[01])_(self_attn_(q|k|v|out)_proj|mlp_fc[12])")
-SD15_UNET = dict(
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-)
 
 
 def targetable(module, prefix):
@@ -49,7 +43,7 @@ def rank_one(shape):
 
 def test_sd15_every_module_exports_to_an_accepted_kohya_name(tmp_path):
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel(**UNET_CONFIGS["sd"])
         text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                             num_attention_heads=12, vocab_size=49408))  # fmt: skip
     shapes = {canonical_name(n): s for n, s in [*targetable(unet, "unet"), *targetable(text, "text_encoder")]}
