@@ -38,22 +38,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = "python -m finetune.world.train " + " ".join(argv if argv is not None else sys.argv[1:])
     commit = git_commit()  # before training: the code that produced the weights
+    steps = {"steps": args.steps} if args.steps else {}
     if args.part == "classifier":
         from finetune.world.classifier import train_classifier
 
         output = args.output or WEIGHTS_FILE
-        metrics = train_classifier(output, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
+        metrics = train_classifier(output, **steps, seed=args.seed)
     elif args.part == "pipeline":
         from finetune.world.pipeline import SHIPPED_PIPELINE, train_pipeline
 
         output = args.output or SHIPPED_PIPELINE
-        metrics = train_pipeline(output, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
+        metrics = train_pipeline(output, **steps, seed=args.seed)
     else:
         from finetune.world.pipeline import SHIPPED_PIPELINE, refine_decoder_of
 
         output = args.output or SHIPPED_PIPELINE
         earlier = json.loads((output / "provenance.json").read_text())  # the save replaces the directory
-        metrics = refine_decoder_of(output, **({"steps": args.steps} if args.steps else {}), seed=args.seed)
+        metrics = refine_decoder_of(output, **steps, seed=args.seed)
     provenance = {"command": command, "seed": args.seed, "commit": commit, **metrics}
     print(json.dumps(provenance, indent=2))
     record = output.parent / f"{output.stem}.provenance.json" if output.suffix else output / "provenance.json"

@@ -105,7 +105,9 @@ def shape_mask(shape: str, center: tuple[float, float], r: float, resolution: in
     return F.avg_pool2d(inside.float()[None, None], SUPERSAMPLE)[0, 0]
 
 
-def sample_scene(rng: random.Random, count: int | None = None, color: str | None = None, shape: str | None = None):
+def sample_scene(
+    rng: random.Random, count: int | None = None, color: str | None = None, shape: str | None = None
+) -> Scene:
     """A random scene; fix ``count``, ``color`` or ``shape`` to condition on a caption."""
     count = rng.randint(1, MAX_COUNT) if count is None else count
     color = rng.choice(list(COLORS)) if color is None else color
