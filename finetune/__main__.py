@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.config import METHOD_NAMES, MIXED_PRECISION, TrainConfig
+from finetune.config import ATTENTION, COMPILE_MODES, METHOD_NAMES, MIXED_PRECISION, TrainConfig
 
 FLAGS: dict[str, dict[str, Any]] = {
     "model": dict(help="hub id or local diffusers directory of an SD 1.x/2.x pipeline (required)"),
@@ -39,6 +39,12 @@ FLAGS: dict[str, dict[str, Any]] = {
     "gradient_checkpointing": dict(action=argparse.BooleanOptionalAction),
     "checkpoint_decode": dict(action=argparse.BooleanOptionalAction, help="checkpoint the VAE decode too"),
     "checkpoint_reward": dict(action=argparse.BooleanOptionalAction, help="checkpoint the reward model too"),
+    "grad_chunk_size": dict(type=int, help="images per chunk in the gradient part (peak memory follows it)"),
+    "compile_prefix": dict(action=argparse.BooleanOptionalAction, help="torch.compile the no-grad sampling UNet"),
+    "compile_mode": dict(choices=COMPILE_MODES),
+    "channels_last": dict(action=argparse.BooleanOptionalAction, help="channels-last UNet and VAE"),
+    "attention": dict(choices=ATTENTION),
+    "allow_tf32": dict(action=argparse.BooleanOptionalAction, help="TF32 matmuls on CUDA (default on)"),
     "output_dir": dict(),
     "eval_every": dict(type=int),
     "checkpoint_every": dict(type=int),

@@ -12,6 +12,8 @@ import yaml
 
 METHOD_NAMES = ("draft", "draft-k", "draft-lv", "refl")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+ATTENTION = ("sdpa", "eager")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -62,6 +64,22 @@ class TrainConfig:
     checkpoint_decode: bool = False
     checkpoint_reward: bool = False
     """Recompute the reward's forward pass during backward instead of keeping its activations."""
+    grad_chunk_size: int | None = None
+    """Images per chunk in the gradient part of a step: the reward gradient is computed chunk by chunk through
+    decode and reward, and checkpointed UNet steps recompute one chunk at a time, so peak memory follows the chunk,
+    not the batch. ``None``: the whole batch at once."""
+
+    # Speed (each option gives the same gradients as the plain path, within floating-point tolerance).
+    compile_prefix: bool = False
+    """Run the no-grad sampling steps through ``torch.compile(unet)`` (compiles on the first step)."""
+    compile_mode: str = "default"
+    """``torch.compile`` mode for the prefix, e.g. ``reduce-overhead`` for CUDA graphs."""
+    channels_last: bool = False
+    """UNet and VAE weights in channels-last memory format (faster convolutions on recent GPUs)."""
+    attention: str = "sdpa"
+    """``sdpa`` (``scaled_dot_product_attention``: fused kernels, no stored attention matrix) or ``eager``."""
+    allow_tf32: bool = True
+    """TF32 for float32 matmuls and convolutions on CUDA (leftover fp32 work under mixed precision)."""
     max_nonfinite_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
 
@@ -106,6 +124,12 @@ class TrainConfig:
             raise ValueError(f"resolution {self.resolution} must be a positive multiple of 8 (the VAE's factor)")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}; got {self.mixed_precision}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}; got {self.attention!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}; got {self.compile_mode!r}")
+        if self.grad_chunk_size is not None and self.grad_chunk_size < 1:
+            raise ValueError(f"grad_chunk_size must be at least 1 (or None: whole batch); got {self.grad_chunk_size}")
         for name in ("steps", "batch_size", "grad_accum", "lora_rank", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")

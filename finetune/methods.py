@@ -1,7 +1,8 @@
-"""Reward-gradient methods: each turns (sampler, text conditioning, initial noise) into images that carry the graph.
+"""Reward-gradient methods: each turns (sampler, text conditioning, initial noise) into clean latents that carry
+the graph.
 
-The trainer scores the returned images with the reward and minimises ``-mean(reward)``; a method decides which
-sampling steps keep the graph:
+The trainer decodes the returned latents, scores the images with the reward and minimises ``-mean(reward)``; a
+method decides which sampling steps keep the graph:
 
 * ``draft``: every step (full backpropagation through the sampling chain);
 * ``draft-k``: only the last K steps; the first T - K run under ``torch.no_grad``;
@@ -51,9 +52,9 @@ class BatchRandom:
 
 @dataclass
 class Generated:
-    """Images in [0, 1] still attached to the graph, and the index of the prompt behind each image."""
+    """Clean latents still attached to the graph, and the index of the prompt behind each one."""
 
-    images: torch.Tensor
+    latents: torch.Tensor
     prompt_index: torch.Tensor
 
 
@@ -63,11 +64,11 @@ Method = Callable[[Sampler, Conditioning, torch.Tensor, MethodSettings, BatchRan
 def draft_k(
     sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, rng: BatchRandom
 ) -> Generated:
-    """DRaFT-K: no-grad prefix of T - K steps, then K grad steps, decode."""
+    """DRaFT-K: no-grad prefix of T - K steps, then K grad steps."""
     total = len(sampler.timesteps)
     latents = sampler.denoise(noise, conditioning, 0, total - settings.k, grad=False, generator=rng.generator)
     latents = sampler.denoise(latents, conditioning, total - settings.k, total, grad=True, generator=rng.generator)
-    return Generated(sampler.decode(latents), torch.arange(len(noise)))
+    return Generated(latents, torch.arange(len(noise)))
 
 
 def draft(
@@ -82,17 +83,16 @@ def draft_lv(
     sampler: Sampler, conditioning: Conditioning, noise: torch.Tensor, settings: MethodSettings, rng: BatchRandom
 ) -> Generated:
     """DRaFT-LV: sample x0 without grad, re-noise it ``lv_n`` times to the last step's level, denoise each copy once
-    with grad. The images of one prompt's copies are consecutive in the batch."""
+    with grad. The copies of one prompt are consecutive in the batch."""
     total = len(sampler.timesteps)
-    with torch.no_grad():
-        x0 = sampler.denoise(noise, conditioning, 0, total, grad=False, generator=rng.generator)
+    x0 = sampler.denoise(noise, conditioning, 0, total, grad=False, generator=rng.generator)
     n = settings.lv_n
     x0 = x0.repeat_interleave(n, dim=0)
     fresh = rng.normal(tuple(x0.shape[1:]), copies=n).to(x0.device, x0.dtype)
     last_t = sampler.timesteps[-1]
     noisy = sampler.scheduler.add_noise(x0, fresh, last_t.reshape(1))
     latents = sampler.denoise(noisy, conditioning.repeat(n), total - 1, total, grad=True, generator=rng.generator)
-    return Generated(sampler.decode(latents), torch.arange(len(noise)).repeat_interleave(n))
+    return Generated(latents, torch.arange(len(noise)).repeat_interleave(n))
 
 
 def refl(
@@ -105,8 +105,8 @@ def refl(
     high = max(low, min(math.ceil(settings.refl_range[1] * total) - 1, total - 1))
     stop = int(torch.randint(low, high + 1, (1,), generator=rng.generator))
     latents = sampler.denoise(noise, conditioning, 0, stop, grad=False, generator=rng.generator)
-    _, x0 = sampler.step(latents, stop, conditioning, rng.generator)
-    return Generated(sampler.decode(x0), torch.arange(len(noise)))
+    x0 = sampler.predict_x0(latents, stop, conditioning, rng.generator)
+    return Generated(x0, torch.arange(len(noise)))
 
 
 METHODS: dict[str, Method] = {"draft": draft, "draft-k": draft_k, "draft-lv": draft_lv, "refl": refl}

@@ -1,19 +1,24 @@
 """DDIM sampling with classifier-free guidance that gradients can flow through.
 
 The scheduler maths is diffusers' own (``DDIMScheduler.step``); this module only decides which steps run under
-``torch.no_grad`` and which keep the graph, with each grad-step UNet call optionally checkpointed so that peak
-memory stays nearly flat as the number of grad steps grows.
+``torch.no_grad`` and which keep the graph. Each grad-step UNet call is optionally checkpointed (so peak memory
+stays nearly flat as the number of grad steps grows) in chunks of ``chunk_size`` images (so the recomputation
+during backward holds one chunk's activations, not the batch's). The no-grad steps can run through a
+``torch.compile``d UNet.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch.utils.checkpoint import checkpoint
+
+from finetune.profiling import PhaseTimer
 
 
 @dataclass
@@ -27,6 +32,10 @@ class Conditioning:
         """Each row repeated ``n`` times (row-major: a, a, b, b for n = 2)."""
         uncond = None if self.uncond is None else self.uncond.repeat_interleave(n, dim=0)
         return Conditioning(self.cond.repeat_interleave(n, dim=0), uncond)
+
+    def rows(self, index: slice) -> Conditioning:
+        """The embeddings of the batch rows ``index``."""
+        return Conditioning(self.cond[index], None if self.uncond is None else self.uncond[index])
 
 
 def encode_prompts(pipeline: StableDiffusionPipeline, prompts: Sequence[str], guidance_scale: float) -> Conditioning:
@@ -60,6 +69,12 @@ class Sampler:
     eta: float = 0.0
     checkpoint_unet: bool = True
     checkpoint_decode: bool = False
+    chunk_size: int | None = None
+    """Images per checkpointed UNet call in grad steps (``None``: the whole batch in one call)."""
+    prefix_unet: Callable[..., Any] | None = None
+    """The UNet the no-grad steps call, e.g. ``torch.compile(unet)``; ``None`` uses ``unet``."""
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+    """Records the time of the no-grad and grad sampling phases when enabled (see ``finetune.profiling``)."""
 
     def __post_init__(self) -> None:
         self.scheduler.set_timesteps(self.num_inference_steps)
@@ -70,18 +85,24 @@ class Sampler:
 
     def guided_noise(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """The UNet's guided prediction (noise, or v for v-prediction models) at timestep ``t``."""
+        unet = self.unet if torch.is_grad_enabled() or self.prefix_unet is None else self.prefix_unet
         if conditioning.uncond is None:
-            return self.unet(latents, t, encoder_hidden_states=conditioning.cond).sample
-        both = self.unet(
+            return unet(latents, t, encoder_hidden_states=conditioning.cond).sample
+        both = unet(
             torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([conditioning.uncond, conditioning.cond])
         ).sample
         uncond, cond = both.chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
 
     def _model_output(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        if self.checkpoint_unet and torch.is_grad_enabled():
-            return checkpoint(self.guided_noise, latents, t, conditioning, use_reentrant=False)
-        return self.guided_noise(latents, t, conditioning)
+        if not (self.checkpoint_unet and torch.is_grad_enabled()):
+            return self.guided_noise(latents, t, conditioning)
+        size = self.chunk_size or len(latents)
+        chunks = [
+            checkpoint(self.guided_noise, latents[rows], t, conditioning.rows(rows), use_reentrant=False)
+            for rows in (slice(start, start + size) for start in range(0, len(latents), size))
+        ]
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
     def step(
         self, latents: torch.Tensor, index: int, conditioning: Conditioning, generator: torch.Generator | None = None
@@ -102,10 +123,18 @@ class Sampler:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Run schedule positions ``start .. stop-1``, keeping the graph only when ``grad``."""
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        grad = grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad), self.timer.phase("grad steps forward" if grad else "no-grad sampling"):
             for index in range(start, stop):
                 latents, _ = self.step(latents, index, conditioning, generator)
         return latents
+
+    def predict_x0(
+        self, latents: torch.Tensor, index: int, conditioning: Conditioning, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The predicted clean latents of one grad step from schedule position ``index`` (ReFL's shortcut)."""
+        with self.timer.phase("grad steps forward"):
+            return self.step(latents, index, conditioning, generator)[1]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode latents to images in [0, 1] (the reward's input range), checkpointed if configured."""

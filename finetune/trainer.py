@@ -23,8 +23,10 @@ from finetune.config import TrainConfig
 from finetune.lora import save_lora_weights
 from finetune.methods import METHODS, BatchRandom, MethodSettings
 from finetune.pipelines import check_pipeline
+from finetune.profiling import PhaseTimer
 from finetune.prompts import load_prompts
 from finetune.sampling import Conditioning, Sampler, encode_prompts, generate
+from finetune.speed import compile_prefix_unet, set_attention, set_channels_last, set_tf32
 from finetune.tracking import MetricsLog, save_grid
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -68,8 +70,7 @@ class Trainer:
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rank, self.world, self.device = distributed.setup(device)
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            set_tf32(config.allow_tf32)
         precision = config.mixed_precision or ("bf16" if self.device.type == "cuda" else "no")
         self.autocast_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
@@ -90,6 +91,9 @@ class Trainer:
         }
         for p in self.named_params.values():
             p.data = p.data.float()
+        set_attention(pipeline, config.attention)
+        if config.channels_last:
+            set_channels_last(pipeline)
         if isinstance(reward, torch.nn.Module):
             reward.to(self.device)
 
@@ -97,6 +101,8 @@ class Trainer:
             list(self.named_params.values()), lr=config.lr, weight_decay=config.weight_decay
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.timer = PhaseTimer(self.device)
+        """Per-phase timing of the training step, off unless enabled (``benchmarks/step_breakdown.py``)."""
         self.sampler = Sampler(
             unet=pipeline.unet,
             vae=pipeline.vae,
@@ -106,6 +112,9 @@ class Trainer:
             eta=config.eta,
             checkpoint_unet=config.gradient_checkpointing,
             checkpoint_decode=config.checkpoint_decode,
+            chunk_size=config.grad_chunk_size,
+            prefix_unet=compile_prefix_unet(pipeline.unet, config.compile_mode) if config.compile_prefix else None,
+            timer=self.timer,
         )
         self.method = METHODS[config.method]
         self.settings = MethodSettings(config.k, config.lv_n, tuple(config.refl_range))
@@ -176,43 +185,39 @@ class Trainer:
             prompts = [self.prompts[i] for i in indices]
             noise = rng.normal(self.latent_shape).to(self.device)
             try:
-                with self.autocast():
-                    generated = self.method(self.sampler, self._conditioning(prompts), noise, self.settings, rng)
-                    image_prompts = [prompts[i] for i in generated.prompt_index.tolist()]
-                    scores = self._score(generated.images, image_prompts)
-                self._check_scores(scores, len(generated.images))
-                loss = -scores.float().mean() / config.grad_accum
-                self.scaler.scale(loss).backward()
+                scores, member_scores = self.backward(prompts, noise, rng, 1.0 / config.grad_accum)
             except torch.OutOfMemoryError as err:
                 raise torch.OutOfMemoryError(
                     f"out of memory in a {config.method} step (batch {config.batch_size}, K {config.effective_k}, "
-                    f"resolution {config.resolution}): lower --batch-size (use --grad-accum to keep the effective "
-                    f"batch), lower --k, keep gradient checkpointing on and add --checkpoint-decode"
+                    f"resolution {config.resolution}): lower --grad-chunk-size (e.g. 1: peak memory then follows "
+                    f"one image, not the batch), keep gradient checkpointing on, lower --k, or lower --batch-size "
+                    f"and raise --grad-accum to keep the effective batch"
                 ) from err
-            loss_value += loss.item()
-            all_scores.append(distributed.gather(scores.detach().float()))
-            for key, value in getattr(self.reward, "last_scores", {}).items():
+            loss_value += -scores.mean().item() / config.grad_accum
+            all_scores.append(distributed.gather(scores))
+            for key, value in member_scores.items():
                 members.setdefault(key, []).append(distributed.gather(value.float()))
             self.reward_queries += len(scores) * self.world
         self.images_seen += batch * self.world * config.grad_accum
         loss_value = distributed.gather(torch.tensor([loss_value], device=self.device)).mean().item()
         distributed.average_gradients(self.named_params.values())
 
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.named_params.values()), config.max_grad_norm))
-        if math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler.is_enabled()):
-            self.scaler.step(self.optimizer)
-            self.consecutive_nonfinite = 0
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_steps += 1
-            self.consecutive_nonfinite += 1
-            warnings.warn(
-                f"step {self.step + 1}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); "
-                f"skipped ({self.consecutive_nonfinite} in a row)",
-                stacklevel=2,
-            )
-        self.scaler.update()
+        with self.timer.phase("optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.named_params.values()), config.max_grad_norm))
+            if math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler.is_enabled()):
+                self.scaler.step(self.optimizer)
+                self.consecutive_nonfinite = 0
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_steps += 1
+                self.consecutive_nonfinite += 1
+                warnings.warn(
+                    f"step {self.step + 1}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); "
+                    f"skipped ({self.consecutive_nonfinite} in a row)",
+                    stacklevel=2,
+                )
+            self.scaler.update()
         self.step += 1
         if self.consecutive_nonfinite >= config.max_nonfinite_steps:
             raise TrainingDivergedError(
@@ -237,6 +242,46 @@ class Trainer:
         for key, values in members.items():
             metrics[f"reward/{key}"] = torch.cat(values).mean().item()
         return metrics
+
+    def backward(
+        self, prompts: list[str], noise: torch.Tensor, rng: BatchRandom, weight: float = 1.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Accumulate the gradient of ``-weight * mean(reward)`` over one micro-batch into the trainable
+        parameters; return the (detached, float32) scores and, for a mix, each member's scores.
+
+        Two phases. The method builds the graph from the noise to the clean latents. Decode and reward then run
+        ``grad_chunk_size`` images at a time, each chunk giving the reward's gradient with respect to its latents
+        (so one chunk's decode and reward activations are alive at a time), and one backward carries the
+        gathered gradients through the grad steps (whose checkpointed UNet calls recompute a chunk at a time).
+        """
+        with self.autocast():
+            with self.timer.phase("text encoder"):
+                conditioning = self._conditioning(prompts)
+            generated = self.method(self.sampler, conditioning, noise, self.settings, rng)
+        latents = generated.latents
+        if not latents.requires_grad:
+            raise RuntimeError(f"the {self.config.method} sampling graph reaches no trainable parameter")
+        image_prompts = [prompts[i] for i in generated.prompt_index.tolist()]
+        size = self.config.grad_chunk_size or len(latents)
+        weight = weight / len(latents)
+        gradients, scores, members = [], [], {}
+        for start in range(0, len(latents), size):
+            chunk = latents[start : start + size].detach().requires_grad_()
+            with self.autocast():
+                with self.timer.phase("decode"):
+                    images = self.sampler.decode(chunk)
+                with self.timer.phase("reward"):
+                    chunk_scores = self._score(images, image_prompts[start : start + size])
+            self._check_scores(chunk_scores, len(chunk))
+            with self.timer.phase("decode+reward backward"):
+                loss = -chunk_scores.float().sum() * weight
+                gradients.append(torch.autograd.grad(self.scaler.scale(loss), chunk)[0])
+            scores.append(chunk_scores.detach().float())
+            for key, value in getattr(self.reward, "last_scores", {}).items():
+                members.setdefault(key, []).append(value)
+        with self.timer.phase("grad steps backward"):
+            latents.backward(torch.cat(gradients))
+        return torch.cat(scores), {key: torch.cat(values) for key, values in members.items()}
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if self.config.checkpoint_reward:

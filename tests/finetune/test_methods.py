@@ -15,7 +15,7 @@ def lora_gradient(trainer, method, settings, seed=0):
     noise = torch.randn((2, *trainer.latent_shape), generator=generator)
     conditioning = trainer._conditioning(["a cat", "a dog"])
     generated = METHODS[method](trainer.sampler, conditioning, noise, settings, BatchRandom(generator, 2))
-    (-trainer.reward(generated.images).mean()).backward()
+    (-trainer.reward(trainer.sampler.decode(generated.latents)).mean()).backward()
     return {name: p.grad.clone() for name, p in trainer.named_params.items() if p.grad is not None}
 
 
@@ -72,10 +72,10 @@ def test_draft_lv_renoises_n_copies(trainer):
     generated = METHODS["draft-lv"](
         trainer.sampler, trainer._conditioning(["a", "b"]), noise, settings, BatchRandom(torch.Generator(), 2)
     )
-    assert generated.images.shape == (6, 3, 64, 64)
+    assert generated.latents.shape == (6, *trainer.latent_shape)
     assert generated.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
-    assert generated.images.requires_grad
-    copies = generated.images.detach()
+    assert generated.latents.requires_grad
+    copies = generated.latents.detach()
     assert (copies[0] - copies[1]).abs().max() > 0, "each copy is re-noised independently"
     grads = lora_gradient(trainer, "draft-lv", settings)
     assert all(torch.isfinite(g).all() for g in grads.values()) and grads
@@ -129,7 +129,7 @@ def test_saved_activations_flat_in_k_with_checkpointing(trainer, checkpointing):
                 MethodSettings(k=k),
                 BatchRandom(torch.Generator(), 2),
             )
-            trainer.reward(generated.images)
+            trainer.reward(trainer.sampler.decode(generated.latents))
         saved[k] = counter.bytes
     ratio = saved[trainer.config.num_inference_steps] / saved[1]
     assert ratio < 1.05 if checkpointing else ratio > 1.5

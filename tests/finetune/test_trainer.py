@@ -179,7 +179,7 @@ def test_out_of_memory_message(tiny_pipeline, tiny_config):
     def oom(images, prompts):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    with pytest.raises(torch.OutOfMemoryError, match=r"lower --batch-size.*lower --k.*--checkpoint-decode"):
+    with pytest.raises(torch.OutOfMemoryError, match=r"lower --grad-chunk-size.*lower --k.*lower --batch-size"):
         Trainer(tiny_pipeline, oom, tiny_config).train_step()
 
 
