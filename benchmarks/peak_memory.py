@@ -1,12 +1,14 @@
-"""Peak memory of one DRaFT training step for K = 1 and K = T, with and without gradient checkpointing.
+"""Peak memory of one DRaFT-K training step as K and the batch grow, with and without the memory techniques.
 
-Each configuration runs in its own process on a random SD-architecture pipeline (``--size``, default ``small``).
-On CPU the figure is the peak resident memory sampled every millisecond during the step, minus the resident
-memory just before it, with glibc returning freed tensors to the OS at once (``CHILD_ENV``); on CUDA it is
+Two sweeps on a random SD-architecture pipeline (``--size``, default ``small``), each configuration in its own
+process: K = 1, 10, 50 at batch 1 (per-step gradient checkpointing on and off), and batch 1, 4, 16 at K = 1
+(chunked decode-and-reward backward with chunks of one image, and the whole batch at once). On CPU the figure is
+the peak resident memory sampled every millisecond during the step, minus the resident memory just before it,
+with glibc returning freed tensors to the OS at once (``CHILD_ENV``); on CUDA it is
 ``torch.cuda.max_memory_allocated`` over the step, minus the memory before.
 
-    python benchmarks/peak_memory.py                  # small pipeline, T = 20, batch 1, on this machine's device
-    python benchmarks/peak_memory.py --size tiny --steps 8 --ks 1,4,8
+    python benchmarks/peak_memory.py                  # small pipeline, T = 50, on this machine's device
+    python benchmarks/peak_memory.py --size sd15 --steps 50 --batches 1,4,16   # on a GPU
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class SavedTensors(torch.autograd.graph.saved_tensors_hooks):
         return tensor
 
 
-def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, device: str) -> dict:
+def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, chunk: int | None, device: str) -> dict:
     """Peak extra memory (bytes) of the second training step of a fresh trainer (the first warms up)."""
     import tempfile
 
@@ -94,7 +96,6 @@ def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, devi
     from finetune.trainer import Trainer
     from rewards import get_reward
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = TrainConfig(
         method="draft-k",
         k=k,
@@ -102,10 +103,11 @@ def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, devi
         resolution=PIPELINE_SIZES[size]["resolution"],
         batch_size=batch,
         gradient_checkpointing=checkpointing,
+        grad_chunk_size=chunk,
         steps=2,
         output_dir=tempfile.mkdtemp(),
         device=device,
-        mixed_precision="no",
+        mixed_precision="bf16" if device == "cuda" else "no",
     )
     trainer = Trainer(build_random_pipeline(size), get_reward("contrast"), config, prompts=["a cat"], eval_prompts=[])
     trainer.train_step()
@@ -128,58 +130,58 @@ def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, devi
             trainer.train_step()
         seconds = time.perf_counter() - start
         peak = sampler.peak - before
-    return {"k": k, "checkpointing": checkpointing, "peak_bytes": peak, "saved_bytes": saved.bytes, "seconds": seconds}
+    return {"peak_bytes": peak, "saved_bytes": saved.bytes, "seconds": seconds}
+
+
+def run_child(args: argparse.Namespace, k: int, batch: int, checkpointing: bool, chunk: int | None) -> dict:
+    spec = json.dumps({"k": k, "batch": batch, "checkpointing": checkpointing, "chunk": chunk})
+    child = [sys.executable, __file__, "--size", args.size, "--steps", str(args.steps), "--device", args.device]
+    out = subprocess.run([*child, "--child", spec], capture_output=True, text=True, check=True, env=CHILD_ENV).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def print_table(title: str, rows: list[tuple[str, dict]], baseline: dict) -> None:
+    print(f"\n{title}")
+    print(f"{'setting':>28} {'peak MiB':>9} {'ratio':>6} {'saved MiB':>9} {'s/step':>7}")
+    for label, row in rows:
+        ratio = row["peak_bytes"] / baseline["peak_bytes"] if baseline["peak_bytes"] > 0 else float("nan")
+        print(
+            f"{label:>28} {row['peak_bytes'] / 2**20:>9.1f} {ratio:>6.2f} {row['saved_bytes'] / 2**20:>9.1f} "
+            f"{row['seconds']:>7.2f}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", choices=["tiny", "small", "sd15"])
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps T")
-    parser.add_argument("--ks", default=None, help="comma-separated K values (default: 1,T)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps T")
+    parser.add_argument("--ks", default="1,10,50", help="comma-separated K values for the K sweep (at most T)")
+    parser.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes for the batch sweep")
+    parser.add_argument("--chunk", type=int, default=1, help="grad_chunk_size of the chunked rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        k, checkpointing = args.child.split(":")
-        result = measure(args.size, args.steps, int(k), args.batch, checkpointing == "1", args.device)
-        print(json.dumps(result))
+        spec = json.loads(args.child)
+        print(json.dumps(measure(args.size, args.steps, device=args.device, **spec)))
         return
 
-    ks = [int(k) for k in (args.ks or f"1,{args.steps}").split(",")]
+    ks = [int(k) for k in args.ks.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
     print(
-        f"peak memory of one DRaFT-K training step: pipeline '{args.size}', T = {args.steps}, batch {args.batch}, "
+        f"peak memory of one DRaFT-K training step: pipeline '{args.size}', T = {args.steps}, reward contrast, "
         f"device {args.device} ({platform.processor() or platform.machine()}, torch {torch.__version__})"
     )
-    rows = {}
     for checkpointing in (True, False):
-        for k in ks:
-            child = [
-                sys.executable,
-                __file__,
-                "--size",
-                args.size,
-                "--steps",
-                str(args.steps),
-                "--batch",
-                str(args.batch),
-                "--device",
-                args.device,
-                "--child",
-                f"{k}:{int(checkpointing)}",
-            ]
-            out = subprocess.run(child, capture_output=True, text=True, check=True, env=CHILD_ENV).stdout
-            out = out.strip().splitlines()[-1]
-            rows[(checkpointing, k)] = json.loads(out)
-    print(f"{'checkpointing':>13} {'K':>4} {'peak MiB':>9} {'vs K=' + str(ks[0]):>8} {'saved MiB':>9} {'s/step':>7}")
-    for (checkpointing, k), row in rows.items():
-        base = rows[(checkpointing, ks[0])]["peak_bytes"]
-        ratio = row["peak_bytes"] / base if base > 0 else float("nan")
-        print(
-            f"{'on' if checkpointing else 'off':>13} {k:>4} {row['peak_bytes'] / 2**20:>9.1f} {ratio:>8.2f} "
-            f"{row['saved_bytes'] / 2**20:>9.1f} {row['seconds']:>7.2f}"
-        )
+        rows = [
+            (f"K={k} checkpointing {'on' if checkpointing else 'off'}", run_child(args, k, 1, checkpointing, None))
+            for k in ks
+        ]
+        print_table(f"K sweep, batch 1, gradient checkpointing {'on' if checkpointing else 'off'}", rows, rows[0][1])
+    for chunk in (args.chunk, None):
+        rows = [(f"batch {b} chunk {chunk or 'whole batch'}", run_child(args, 1, b, True, chunk)) for b in batches]
+        print_table(f"batch sweep, K = 1, checkpointing on, grad_chunk_size {chunk}", rows, rows[0][1])
 
 
 if __name__ == "__main__":

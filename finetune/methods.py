@@ -100,13 +100,18 @@ def refl(
 ) -> Generated:
     """ReFL: no-grad sampling to a random schedule position in ``refl_range`` (fractions of T), then one grad step
     whose predicted x0 is decoded and rewarded."""
-    total = len(sampler.timesteps)
-    low = min(math.ceil(settings.refl_range[0] * total), total - 1)
-    high = max(low, min(math.ceil(settings.refl_range[1] * total) - 1, total - 1))
+    low, high = refl_stop_range(len(sampler.timesteps), settings.refl_range)
     stop = int(torch.randint(low, high + 1, (1,), generator=rng.generator))
     latents = sampler.denoise(noise, conditioning, 0, stop, grad=False, generator=rng.generator)
     x0 = sampler.predict_x0(latents, stop, conditioning, rng.generator)
     return Generated(x0, torch.arange(len(noise)))
+
+
+def refl_stop_range(total: int, refl_range: tuple[float, float]) -> tuple[int, int]:
+    """ReFL's stopping positions: the grad step runs from a schedule position drawn uniformly in ``[low, high]``."""
+    low = min(math.ceil(refl_range[0] * total), total - 1)
+    high = max(low, min(math.ceil(refl_range[1] * total) - 1, total - 1))
+    return low, high
 
 
 METHODS: dict[str, Method] = {"draft": draft, "draft-k": draft_k, "draft-lv": draft_lv, "refl": refl}

@@ -1,29 +1,37 @@
 """Where a training step's time and FLOPs go: per-phase timers, FLOP counts and the FLOP lower bound.
 
-A :class:`PhaseTimer` is shared by the trainer and its sampler; when enabled it synchronises the device around
-each phase (so GPU time lands in the right phase) and, given a ``FlopCounterMode``, attributes counted FLOPs to
-phases too. Disabled (the default) it costs nothing. The FLOP lower bound of a step follows
-``shared/reference/PERFORMANCE.md``: every forward once, plus one backward of about the forward's cost for the
-parts that keep the graph (frozen weights need input gradients only), at the device's peak rate.
+:func:`profile_step` times a trainer's step phase by phase with its :class:`~finetune.timing.PhaseTimer` and
+counts each phase's FLOPs.
+
+The cost model follows ``shared/reference/PERFORMANCE.md``: a step's minimum work is every forward once plus, for
+the parts that keep the graph, one backward of about the forward's cost (frozen weights need input gradients
+only; no recomputation), built from the forward FLOPs of one UNet evaluation, one VAE decode, one reward call and
+one text encoding (:func:`component_flops`). Divided by the device's peak rate it is the step's time floor.
 """
 
 from __future__ import annotations
 
-import contextlib
+import statistics
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-NO_GRAD_PHASES = ("no-grad sampling",)
-"""Phases that run forward only."""
-GRAD_FORWARD_PHASES = ("grad steps forward", "decode", "reward")
-"""Forward phases whose graph is kept: the lower bound counts them twice (forward + input-gradient backward)."""
+from finetune.methods import refl_stop_range
+from finetune.timing import PhaseTimer
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from finetune.config import TrainConfig
+    from finetune.trainer import Trainer
+
 PHASES = (
     "text encoder",
-    *NO_GRAD_PHASES,
+    "no-grad sampling",
     "grad steps forward",
     "decode",
     "reward",
@@ -39,42 +47,7 @@ SPEC_PEAK_FLOPS = {
     "H200": 989.4e12,
     "A100": 312e12,
 }
-"""Dense BF16 peak FLOP/s by device-name fragment (first match wins; PERFORMANCE.md, NVIDIA data sheets)."""
-
-
-class PhaseTimer:
-    """Accumulates wall time (and FLOPs, with ``flop_counter``) per named phase while ``enabled``."""
-
-    def __init__(self, device: torch.device | str = "cpu", enabled: bool = False) -> None:
-        self.device = torch.device(device)
-        self.enabled = enabled
-        self.flop_counter: FlopCounterMode | None = None
-        self.seconds: dict[str, float] = {}
-        self.flops: dict[str, int] = {}
-
-    def reset(self) -> None:
-        self.seconds.clear()
-        self.flops.clear()
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        self.synchronize()
-        flops = self.flop_counter.get_total_flops() if self.flop_counter is not None else 0
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.synchronize()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-            if self.flop_counter is not None:
-                self.flops[name] = self.flops.get(name, 0) + self.flop_counter.get_total_flops() - flops
+"""Dense BF16 peak FLOP/s by device-name fragment, first match wins (PERFORMANCE.md; NVIDIA data sheets)."""
 
 
 def count_flops(function: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
@@ -83,12 +56,6 @@ def count_flops(function: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     with FlopCounterMode(display=False) as counter:
         function(*args, **kwargs)
     return counter.get_total_flops()
-
-
-def lower_bound_flops(flops: dict[str, int]) -> int:
-    """The minimum work of a step whose phases counted ``flops``: no-grad forwards once, graph-keeping forwards
-    twice (their backward needs input gradients only, about one forward), no recomputation, no weight gradients."""
-    return sum(flops.get(p, 0) for p in NO_GRAD_PHASES) + 2 * sum(flops.get(p, 0) for p in GRAD_FORWARD_PHASES)
 
 
 def spec_peak_flops(device: torch.device | str) -> float | None:
@@ -116,3 +83,115 @@ def measured_peak_flops(
             a @ b
         best = min(best, timer.seconds["matmul"])
     return 2 * size**3 / best
+
+
+def component_flops(
+    pipeline: StableDiffusionPipeline, reward: Callable[..., torch.Tensor], resolution: int
+) -> dict[str, int]:
+    """Forward FLOPs per image of each component: one UNet evaluation (one guidance branch), one VAE decode,
+    one reward call, one text encoding. Build the pipeline and reward on the meta device to count a full-size
+    model in a second without computing it."""
+    device = pipeline.unet.device
+    scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    latents = torch.zeros(1, pipeline.unet.config.in_channels, resolution // scale, resolution // scale, device=device)
+    length = pipeline.tokenizer.model_max_length
+    tokens = torch.zeros(1, length, dtype=torch.long, device=device)
+    text = torch.zeros(1, length, pipeline.text_encoder.config.hidden_size, device=device)
+    images = torch.zeros(1, 3, resolution, resolution, device=device)
+    score = getattr(reward, "compute", reward)  # a Reward's unvalidated path (validation reads values)
+    with torch.no_grad():
+        return {
+            "unet": count_flops(pipeline.unet, latents, torch.tensor(999, device=device), encoder_hidden_states=text),
+            "decode": count_flops(pipeline.vae.decode, latents),
+            "reward": count_flops(score, images, ["a photo"]),
+            "text encoder": count_flops(pipeline.text_encoder, tokens),
+        }
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """How many times a training step runs each component, per image count (one UNet evaluation = one image,
+    one guidance branch)."""
+
+    unet_no_grad: float
+    unet_grad: float
+    decodes: float
+    rewards: float
+    text_encodings: float
+
+
+def step_work(config: TrainConfig) -> StepWork:
+    """The work of one optimizer step of ``config`` (ReFL: its expected stopping step)."""
+    batch = config.batch_size * config.grad_accum
+    branches = 1 if config.guidance_scale == 1.0 else 2
+    total = config.num_inference_steps
+    texts = batch + (config.grad_accum if branches == 2 else 0)  # the empty prompt once per micro-batch
+    if config.method == "draft-lv":
+        images = batch * config.lv_n
+        return StepWork(total * batch * branches, images * branches, images, images, texts)
+    if config.method == "refl":
+        low, high = refl_stop_range(total, config.refl_range)
+        return StepWork((low + high) / 2 * batch * branches, batch * branches, batch, batch, texts)
+    k = config.effective_k
+    return StepWork((total - k) * batch * branches, k * batch * branches, batch, batch, texts)
+
+
+def lower_bound_flops(work: StepWork, components: dict[str, int]) -> float:
+    """Minimum FLOPs of a step: no-grad forwards once; graph-keeping forwards twice (forward + input-gradient
+    backward); no recomputation, no weight gradients."""
+    forward_only = work.unet_no_grad * components["unet"] + work.text_encodings * components["text encoder"]
+    with_backward = (
+        work.unet_grad * components["unet"] + work.decodes * components["decode"] + work.rewards * components["reward"]
+    )
+    return forward_only + 2 * with_backward
+
+
+@dataclass
+class StepProfile:
+    """Measured seconds (median over repeats) and counted FLOPs of each phase of one training step."""
+
+    seconds: dict[str, float]
+    flops: dict[str, int]
+    step_seconds: float
+    peak_memory_bytes: int | None
+    """``torch.cuda.max_memory_allocated`` during the timed steps (CUDA only)."""
+
+    @property
+    def counted_flops(self) -> int:
+        return sum(self.flops.values())
+
+
+def profile_step(trainer: Trainer, repeats: int = 3, warmup: int = 1, count: bool = True) -> StepProfile:
+    """Time ``repeats`` training steps phase by phase (after ``warmup`` untimed ones, which also compile), then
+    count one more step's FLOPs per phase under ``FlopCounterMode`` (slower, so untimed). Trains the LoRA."""
+    timer = trainer.timer
+    for _ in range(warmup):
+        trainer.train_step()
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    per_phase: dict[str, list[float]] = {}
+    steps = []
+    timer.enabled = True
+    try:
+        for _ in range(repeats):
+            timer.reset()
+            start = time.perf_counter()
+            trainer.train_step()
+            timer.synchronize()
+            steps.append(time.perf_counter() - start)
+            for name, seconds in timer.seconds.items():
+                per_phase.setdefault(name, []).append(seconds)
+        peak = torch.cuda.max_memory_allocated(trainer.device) if trainer.device.type == "cuda" else None
+        flops: dict[str, int] = {}
+        if count:
+            timer.reset()
+            with FlopCounterMode(display=False) as counter:
+                timer.flop_counter = counter
+                trainer.train_step()
+            flops = dict(timer.flops)
+    finally:
+        timer.enabled = False
+        timer.flop_counter = None
+        timer.reset()
+    seconds = {name: statistics.median(values) for name, values in per_phase.items()}
+    return StepProfile(seconds, flops, statistics.median(steps), peak)

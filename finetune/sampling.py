@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch.utils.checkpoint import checkpoint
 
-from finetune.profiling import PhaseTimer
+from finetune.timing import PhaseTimer
 
 
 @dataclass

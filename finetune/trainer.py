@@ -23,10 +23,10 @@ from finetune.config import TrainConfig
 from finetune.lora import save_lora_weights
 from finetune.methods import METHODS, BatchRandom, MethodSettings
 from finetune.pipelines import check_pipeline
-from finetune.profiling import PhaseTimer
 from finetune.prompts import load_prompts
 from finetune.sampling import Conditioning, Sampler, encode_prompts, generate
 from finetune.speed import compile_prefix_unet, set_attention, set_channels_last, set_tf32
+from finetune.timing import PhaseTimer
 from finetune.tracking import MetricsLog, save_grid
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -1,0 +1,76 @@
+"""The cost model against the reference FLOP counts and against FLOPs counted in a real step; the phase timer."""
+
+import pytest
+import torch
+
+from finetune.pipelines import build_random_pipeline, load_pipeline
+from finetune.profiling import (
+    PHASES,
+    component_flops,
+    lower_bound_flops,
+    profile_step,
+    spec_peak_flops,
+    step_work,
+)
+from finetune.timing import PhaseTimer
+from finetune.trainer import Trainer
+from rewards import get_reward
+
+
+def test_component_flops_of_sd15_match_the_reference():
+    """PERFORMANCE.md: UNet 402 GMACs per evaluation at 64x64 latents, VAE decode 1,257, CLIP ViT-L/14 81,
+    text encoder 6.8 (counted on the meta device: no weights, no compute)."""
+    with torch.device("meta"):
+        pipeline = build_random_pipeline("sd15")
+        reward = get_reward("aesthetic", pretrained=False)
+        gmacs = {name: flops / 2e9 for name, flops in component_flops(pipeline, reward, 512).items()}
+    assert gmacs["unet"] == pytest.approx(402, rel=0.01)
+    assert gmacs["decode"] == pytest.approx(1257, rel=0.01)
+    assert gmacs["reward"] == pytest.approx(81, rel=0.01)
+    assert gmacs["text encoder"] == pytest.approx(6.8, rel=0.05)
+
+
+@pytest.mark.parametrize(("method", "k"), [("draft-k", 2), ("draft-lv", 1), ("draft", 1)])
+def test_cost_model_matches_the_flops_counted_in_a_step(tiny_model_dir, tiny_config, method, k):
+    config = tiny_config.replace(method=method, k=k, lv_n=3, batch_size=2)
+    trainer = Trainer(load_pipeline(tiny_model_dir), get_reward("aesthetic", pretrained=False, tiny=True), config)
+    profile = profile_step(trainer, repeats=1, warmup=0)
+    components = component_flops(trainer.pipeline, trainer.reward, config.resolution)
+    work = step_work(config)
+    counted = profile.flops
+    assert counted.get("no-grad sampling", 0) == pytest.approx(work.unet_no_grad * components["unet"], rel=1e-3)
+    assert counted["grad steps forward"] == pytest.approx(work.unet_grad * components["unet"], rel=1e-3)
+    assert counted["decode"] == pytest.approx(work.decodes * components["decode"], rel=1e-3)
+    assert counted["reward"] == pytest.approx(work.rewards * components["reward"], rel=1e-3)
+    # The real step does at least the floor's work (checkpointing recomputes, LoRA weights get gradients).
+    assert profile.counted_flops >= lower_bound_flops(work, components) * 0.99
+    assert {"decode", "grad steps backward", "optimizer"} <= set(profile.seconds) <= set(PHASES)
+    assert 0 < sum(profile.seconds.values()) <= profile.step_seconds * 1.01
+
+
+def test_step_work_counts():
+    from finetune.config import TrainConfig
+
+    base = dict(num_inference_steps=10, batch_size=4, guidance_scale=7.5)
+    assert step_work(TrainConfig(method="draft-k", k=3, **base)).unet_no_grad == 7 * 4 * 2
+    assert step_work(TrainConfig(method="draft", **base)).unet_grad == 10 * 4 * 2
+    lv = step_work(TrainConfig(method="draft-lv", lv_n=2, **base))
+    assert (lv.unet_no_grad, lv.unet_grad, lv.decodes) == (80, 16, 8)
+    refl = step_work(TrainConfig(method="refl", refl_range=(0.5, 0.5), **base))
+    assert refl.unet_no_grad == 5 * 4 * 2 and refl.decodes == 4
+    no_guidance = step_work(TrainConfig(method="draft-k", k=1, **{**base, "guidance_scale": 1.0}))
+    assert no_guidance.unet_no_grad == 9 * 4 and no_guidance.text_encodings == 4
+
+
+def test_timer_records_only_when_enabled():
+    timer = PhaseTimer()
+    with timer.phase("a"):
+        pass
+    assert timer.seconds == {}
+    timer.enabled = True
+    with timer.phase("a"):
+        pass
+    with timer.phase("a"):
+        pass
+    assert set(timer.seconds) == {"a"} and timer.seconds["a"] >= 0
+    assert spec_peak_flops("cpu") is None
