@@ -2,8 +2,8 @@
 
 Builds the SD 1.5-architecture pipeline and the aesthetic reward at its real CLIP ViT-L/14 geometry, both with
 random weights (they cost exactly what the real ones cost), directly on the GPU, and measures DRaFT-1 (DRaFT-K,
-K = 1) and DRaFT-LV (n = 2) at 512x512, T = 50 DDIM steps, guidance 7.5, bf16, batch 8, each with the eager and
-the ``torch.compile``d no-grad prefix: seconds per step, images per second, peak GPU memory and the fraction of the
+K = 1) and DRaFT-LV (n = 2) at 512x512, T = 50 DDIM steps, guidance 7.5, bf16, batch 8, each with the no-grad
+prefix eager, ``torch.compile``d, and compiled with CUDA graphs (``reduce-overhead``): seconds per step, images per second, peak GPU memory and the fraction of the
 FLOP floor (``benchmarks/step_breakdown.py``'s cost model at the data-sheet peak). Then the largest batch that
 fits, doubling from 16 with chunked decode-and-reward (``grad_chunk_size`` 8). Writes a Markdown report.
 
@@ -34,6 +34,12 @@ from rewards import get_reward
 FULL = dict(size="sd15", resolution=512, steps=50, batch=8, tiny_reward=False, batches=(16, 32, 64, 128), chunk=8)
 SMOKE = dict(size="tiny", resolution=64, steps=3, batch=2, tiny_reward=True, batches=(4,), chunk=2)
 METHODS = {"DRaFT-1": dict(method="draft-k", k=1), "DRaFT-LV": dict(method="draft-lv", lv_n=2)}
+PREFIXES = {
+    "eager": {},
+    "compiled": {"compile_prefix": True},
+    "compiled + CUDA graphs": {"compile_prefix": True, "compile_mode": "reduce-overhead"},
+}
+"""How the no-grad prefix runs; CUDA graphs only on a GPU."""
 
 
 def build_trainer(setup: dict, device: torch.device, batch: int, **changes: object) -> Trainer:
@@ -98,10 +104,18 @@ def main() -> int:
         return 2
     start = time.perf_counter()
     rows, notes = [], []
+    prefixes = [name for name in PREFIXES if device.type == "cuda" or "CUDA" not in name]
     for method, changes in METHODS.items():
-        for prefix in ("eager", "compiled"):
+        for prefix in prefixes:
             print(f"\n[{method}, {prefix} prefix, batch {setup['batch']}]")
-            row = measure(setup, device, setup["batch"], args.repeats, compile_prefix=prefix == "compiled", **changes)
+            try:
+                row = measure(setup, device, setup["batch"], args.repeats, **PREFIXES[prefix], **changes)
+            except Exception as err:  # a compiler failure is a result to report, not a reason to stop
+                if prefix == "eager":
+                    raise
+                notes.append(f"{method} with the {prefix} prefix failed: {type(err).__name__}: {str(err)[:300]}")
+                release(device)
+                continue
             rows.append({"method": method, "prefix": prefix, "batch": setup["batch"], **row})
     largest = None
     for batch in setup["batches"]:

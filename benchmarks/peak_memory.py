@@ -2,10 +2,15 @@
 
 Two sweeps on a random SD-architecture pipeline (``--size``, default ``small``), each configuration in its own
 process: K = 1, 10, 50 at batch 1 (per-step gradient checkpointing on and off), and batch 1, 4, 16 at K = 1
-(chunked decode-and-reward backward with chunks of one image, and the whole batch at once). On CPU the figure is
-the peak resident memory sampled every millisecond during the step, minus the resident memory just before it,
-with glibc returning freed tensors to the OS at once (``CHILD_ENV``); on CUDA it is
-``torch.cuda.max_memory_allocated`` over the step, minus the memory before.
+(chunked decode-and-reward backward with chunks of one image, and the whole batch at once).
+
+On CUDA the figure is ``torch.cuda.max_memory_allocated`` over the step, minus the memory before. On CPU two
+figures: *tensor peak*, the most tensor memory live at once during the step (bytes allocated minus bytes freed,
+from the profiler's allocation events: the CPU counterpart of the CUDA figure), and *RSS peak*, the resident
+memory sampled every millisecond during another step, minus the resident memory just before it, with glibc
+returning freed tensors to the OS at once (``CHILD_ENV``). RSS also counts what is not tensor data: the autograd
+graph's nodes (about 1 MiB per checkpointed UNet call of the small pipeline, host memory even on a GPU) and heap
+fragmentation.
 
     python benchmarks/peak_memory.py                  # small pipeline, T = 50, on this machine's device
     python benchmarks/peak_memory.py --size sd15 --steps 50 --batches 1,4,16   # on a GPU
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -69,6 +75,25 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, resident_bytes())
+
+
+def peak_tensor_bytes(step: Callable[[], object]) -> int:
+    """The most tensor memory live at once during ``step()``, relative to its start: the running sum of the
+    profiler's CPU allocation and free events (``kineto_results`` is the profiler's raw event list)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 class SavedTensors(torch.autograd.graph.saved_tensors_hooks):
@@ -122,6 +147,7 @@ def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, chun
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() - before
+        rss_peak = None
     else:
         release_free_memory()
         before = resident_bytes()
@@ -129,8 +155,9 @@ def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, chun
         with PeakSampler() as sampler, saved:
             trainer.train_step()
         seconds = time.perf_counter() - start
-        peak = sampler.peak - before
-    return {"peak_bytes": peak, "saved_bytes": saved.bytes, "seconds": seconds}
+        rss_peak = sampler.peak - before
+        peak = peak_tensor_bytes(trainer.train_step)
+    return {"peak_bytes": peak, "rss_peak_bytes": rss_peak, "saved_bytes": saved.bytes, "seconds": seconds}
 
 
 def run_child(args: argparse.Namespace, k: int, batch: int, checkpointing: bool, chunk: int | None) -> dict:
@@ -140,15 +167,19 @@ def run_child(args: argparse.Namespace, k: int, batch: int, checkpointing: bool,
     return json.loads(out.strip().splitlines()[-1])
 
 
-def print_table(title: str, rows: list[tuple[str, dict]], baseline: dict) -> None:
+def print_table(title: str, rows: list[tuple[str, dict]]) -> None:
+    """Peaks in MiB and as ratios to the first row."""
     print(f"\n{title}")
-    print(f"{'setting':>28} {'peak MiB':>9} {'ratio':>6} {'saved MiB':>9} {'s/step':>7}")
+    first = rows[0][1]
+    header = f"{'setting':>28} {'tensor MiB':>10} {'ratio':>6}"
+    if first["rss_peak_bytes"] is not None:
+        header += f" {'RSS MiB':>8} {'ratio':>6}"
+    print(header + f" {'saved MiB':>9} {'s/step':>7}")
     for label, row in rows:
-        ratio = row["peak_bytes"] / baseline["peak_bytes"] if baseline["peak_bytes"] > 0 else float("nan")
-        print(
-            f"{label:>28} {row['peak_bytes'] / 2**20:>9.1f} {ratio:>6.2f} {row['saved_bytes'] / 2**20:>9.1f} "
-            f"{row['seconds']:>7.2f}"
-        )
+        line = f"{label:>28} {row['peak_bytes'] / 2**20:>10.1f} {row['peak_bytes'] / first['peak_bytes']:>6.2f}"
+        if row["rss_peak_bytes"] is not None:
+            line += f" {row['rss_peak_bytes'] / 2**20:>8.1f} {row['rss_peak_bytes'] / first['rss_peak_bytes']:>6.2f}"
+        print(line + f" {row['saved_bytes'] / 2**20:>9.1f} {row['seconds']:>7.2f}")
 
 
 def main() -> None:
@@ -178,10 +209,10 @@ def main() -> None:
             (f"K={k} checkpointing {'on' if checkpointing else 'off'}", run_child(args, k, 1, checkpointing, None))
             for k in ks
         ]
-        print_table(f"K sweep, batch 1, gradient checkpointing {'on' if checkpointing else 'off'}", rows, rows[0][1])
+        print_table(f"K sweep, batch 1, gradient checkpointing {'on' if checkpointing else 'off'}", rows)
     for chunk in (args.chunk, None):
         rows = [(f"batch {b} chunk {chunk or 'whole batch'}", run_child(args, 1, b, True, chunk)) for b in batches]
-        print_table(f"batch sweep, K = 1, checkpointing on, grad_chunk_size {chunk}", rows, rows[0][1])
+        print_table(f"batch sweep, K = 1, checkpointing on, grad_chunk_size {chunk}", rows)
 
 
 if __name__ == "__main__":
