@@ -3,9 +3,10 @@
 Builds the SD 1.5-architecture pipeline and the aesthetic reward at its real CLIP ViT-L/14 geometry, both with
 random weights (they cost exactly what the real ones cost), directly on the GPU, and measures DRaFT-1 (DRaFT-K,
 K = 1) and DRaFT-LV (n = 2) at 512x512, T = 50 DDIM steps, guidance 7.5, bf16, batch 8, each with the no-grad
-prefix eager, ``torch.compile``d, and compiled with CUDA graphs (``reduce-overhead``): seconds per step, images per second, peak GPU memory and the fraction of the
-FLOP floor (``benchmarks/step_breakdown.py``'s cost model at the data-sheet peak). Then the largest batch that
-fits, doubling from 16 with chunked decode-and-reward (``grad_chunk_size`` 8). Writes a Markdown report.
+prefix eager, ``torch.compile``d, and compiled with CUDA graphs (``reduce-overhead``): seconds per step, images
+per second, peak GPU memory and the fraction of the FLOP floor (``benchmarks/step_breakdown.py``'s cost model at
+the data-sheet peak). Then the largest batch that fits, doubling from 16 with chunked decode-and-reward
+(``grad_chunk_size`` 8). Writes a Markdown report.
 
     python benchmarks/gpu_sd15.py                 # on a GPU: report to benchmarks/results/gpu_sd15_<card>_<date>.md
     python benchmarks/gpu_sd15.py --smoke         # tiny pipeline and reward on the CPU in seconds (tested)

@@ -1,10 +1,15 @@
-"""Command line: score image files with any reward, and list the zoo.
+"""Command line: score image files with any reward, list the zoo, export a reward to ONNX.
 
     python -m rewards list [PATTERN]
     python -m rewards score PATH... --reward NAME [--prompt TEXT | --prompts-file FILE] [--format table|csv|json]
+                                    [--backend torch|onnx [--onnx-file FILE]]
+    python -m rewards export NAME --output FILE [--image-size SIZE] [--random-weights] [--weights ...] [--option ...]
 
 ``--reward`` takes a name or a weighted mix (``aesthetic=0.7,brightness=0.3``). Folders are scanned for images
-(sorted). Unreadable files are reported on stderr and skipped; the run goes on.
+(sorted). Unreadable files are reported on stderr and skipped; the run goes on. ``--backend onnx`` scores with
+onnxruntime (the ``[onnx]`` extra): an ONNX graph has a fixed image size, so the reward is exported once per image
+size met, into a temporary folder; with ``--onnx-file`` one graph is used, read from FILE if it exists, else
+exported there for the size of the first images.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import csv
 import json
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +27,8 @@ import torch
 import yaml
 
 from rewards.base import Reward
-from rewards.combine import CombinedReward, combine, parse_reward_spec
+from rewards.combine import combine, parse_reward_spec
+from rewards.onnx import OnnxReward, export_onnx
 from rewards.registry import get_entry, get_reward, list_rewards
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -70,6 +77,45 @@ def build_reward(args: argparse.Namespace) -> Reward:
     return combine(names, pretrained=pretrained, device=args.device)
 
 
+class OnnxScorer:
+    """``--backend onnx``: scores with onnxruntime through one graph per image size, exported from the reward
+    (built on first need) into ``directory``; with ``--onnx-file``, through that one file (exported there first if
+    it does not exist). Prompts are not graph inputs: only image-only rewards export."""
+
+    def __init__(self, args: argparse.Namespace, directory: Path) -> None:
+        self.args, self.directory = args, directory
+        self.file = Path(args.onnx_file) if args.onnx_file else None
+        self.device = "cuda" if args.device and args.device.startswith("cuda") else "cpu"
+        self.reward: Reward | None = None
+        self.graphs: dict[tuple[int, ...], OnnxReward] = {}
+        self.last_scores: dict[str, torch.Tensor] = {}
+        if self.file is not None and self.file.exists():
+            graph = OnnxReward(self.file, self.device)
+            if graph.members != parse_reward_spec(args.reward):
+                raise ValueError(f"{self.file} holds reward '{graph.name}', not '{args.reward}'")
+            self.graphs[graph.image_size] = graph
+
+    def __call__(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        size = tuple(images.shape[-2:])
+        if size not in self.graphs:
+            if self.file is not None and self.graphs:
+                height, width = next(iter(self.graphs))
+                raise ValueError(
+                    f"{self.file} scores {height}x{width} images and some images are {size[0]}x{size[1]}: give "
+                    f"one --onnx-file per image size, or leave it out to export a graph for each size"
+                )
+            if self.reward is None:
+                self.reward = build_reward(self.args)
+            path = export_onnx(self.reward, self.file or self.directory / f"{size[0]}x{size[1]}.onnx", size)
+            if self.file is not None:
+                print(f"exported reward '{self.reward.name}' for {size[0]}x{size[1]} images to {path}", file=sys.stderr)
+            self.graphs[size] = OnnxReward(path, self.device)
+        graph = self.graphs[size]
+        scores = graph(images)
+        self.last_scores = graph.last_scores
+        return scores
+
+
 def batches(files: list[Path], size: int, errors: list[tuple[Path, str]]) -> Iterator[list[tuple[int, torch.Tensor]]]:
     """Groups of up to ``size`` readable images of one shape, as (index, image); unreadable files go to errors."""
     pending: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
@@ -87,11 +133,14 @@ def batches(files: list[Path], size: int, errors: list[tuple[Path, str]]) -> Ite
     yield from pending.values()
 
 
-def score_files(reward: Reward, files: list[Path], prompts: list[str] | None, batch_size: int) -> tuple[list, list]:
+def score_files(
+    reward: Reward | OnnxScorer, files: list[Path], prompts: list[str] | None, batch_size: int
+) -> tuple[list, list]:
     """``(rows, errors)``: one row per readable file, in input order, with the score and member scores."""
     from tqdm.auto import tqdm
 
-    device = next((t.device for t in reward.parameters()), torch.device("cpu"))
+    parameters = reward.parameters() if isinstance(reward, Reward) else iter(())
+    device = next((t.device for t in parameters), torch.device("cpu"))
     rows: dict[int, dict] = {}
     errors: list[tuple[Path, str]] = []
     with torch.no_grad(), tqdm(total=len(files), unit="image", disable=len(files) < 32, file=sys.stderr) as bar:
@@ -99,7 +148,7 @@ def score_files(reward: Reward, files: list[Path], prompts: list[str] | None, ba
             indices = [i for i, _ in group]
             images = torch.stack([image for _, image in group]).to(device)
             scores = reward(images, [prompts[i] for i in indices] if prompts else None)
-            members = reward.last_scores if isinstance(reward, CombinedReward) else {}
+            members = getattr(reward, "last_scores", {})  # a mix's member scores
             for row, index in enumerate(indices):
                 rows[index] = {"path": str(files[index]), "score": scores[row].item()}
                 rows[index].update({key: value[row].item() for key, value in members.items()})
@@ -125,6 +174,8 @@ def write_rows(rows: list[dict], format: str) -> None:
 
 
 def score(args: argparse.Namespace) -> int:
+    if args.onnx_file and args.backend != "onnx":
+        raise ValueError("--onnx-file goes with --backend onnx")
     files = image_files(args.paths)
     if not files:
         raise ValueError(f"no image files found in {', '.join(args.paths)}")
@@ -135,12 +186,40 @@ def score(args: argparse.Namespace) -> int:
         prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
         if len(prompts) != len(files):
             raise ValueError(f"{args.prompts_file} has {len(prompts)} prompts for {len(files)} image files")
-    reward = build_reward(args)
-    rows, errors = score_files(reward, files, prompts, args.batch_size)
+    if args.backend == "onnx":
+        with tempfile.TemporaryDirectory(prefix="rewards-onnx-") as directory:
+            rows, errors = score_files(OnnxScorer(args, Path(directory)), files, prompts, args.batch_size)
+    else:
+        rows, errors = score_files(build_reward(args), files, prompts, args.batch_size)
     write_rows(rows, args.format)
     if errors:
         print(f"{len(errors)} of {len(files)} files could not be read and were skipped", file=sys.stderr)
     return 0 if rows else 2
+
+
+def export(args: argparse.Namespace) -> int:
+    reward = build_reward(args)
+    path = export_onnx(reward, args.output, parse_size(args.image_size) if args.image_size else None)
+    height, width = OnnxReward(path).image_size
+    print(f"exported reward '{reward.name}' for {height}x{width} images (any batch) to {path}")
+    return 0
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"224"`` or ``"512x384"`` (height x width) as ``(height, width)``."""
+    try:
+        height, _, width = text.lower().partition("x")
+        return int(height), int(width or height)
+    except ValueError:
+        raise ValueError(f"--image-size {text!r}: expected a side (224) or HEIGHTxWIDTH (512x384)") from None
+
+
+def add_reward_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options :func:`build_reward` reads, besides the reward itself."""
+    parser.add_argument("--weights", action="append", default=[], help="PATH, hub id, or COMPONENT=PATH")
+    parser.add_argument("--option", action="append", default=[], help="reward option KEY=VALUE, e.g. target=cat")
+    parser.add_argument("--random-weights", action="store_true", help="random weights (pretrained=False)")
+    parser.add_argument("--device", default=None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,12 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     given = score_cmd.add_mutually_exclusive_group()
     given.add_argument("--prompt", help="one prompt for every image")
     given.add_argument("--prompts-file", help="one prompt per line, in the order of the files")
-    score_cmd.add_argument("--weights", action="append", default=[], help="PATH, hub id, or COMPONENT=PATH")
-    score_cmd.add_argument("--option", action="append", default=[], help="reward option KEY=VALUE, e.g. target=cat")
-    score_cmd.add_argument("--random-weights", action="store_true", help="random weights (pretrained=False)")
-    score_cmd.add_argument("--device", default=None)
+    add_reward_arguments(score_cmd)
     score_cmd.add_argument("--batch-size", type=int, default=8)
     score_cmd.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    score_cmd.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="onnx: onnxruntime")
+    score_cmd.add_argument(
+        "--onnx-file", help="with --backend onnx: the graph to use as it is, or to export there if it does not exist"
+    )
+    export_cmd = commands.add_parser("export", help="export a reward's scoring graph to ONNX")
+    export_cmd.add_argument("reward", metavar="NAME", help="a reward name or a mix of image-only rewards")
+    export_cmd.add_argument("--output", required=True, help="the .onnx file to write (replaced if it exists)")
+    export_cmd.add_argument("--image-size", help="SIDE or HEIGHTxWIDTH (default: the reward's input size, or 512)")
+    add_reward_arguments(export_cmd)
     args = parser.parse_args(argv)
 
     if args.command == "list":
@@ -171,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<{width}}  {get_entry(name).description}")
         return 0
     try:
-        return score(args)
-    except (ValueError, FileNotFoundError) as err:
+        return export(args) if args.command == "export" else score(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -62,7 +62,7 @@ class DetectionReward(DetectorReward):
         reference processor does), OpenAI CLIP mean/std."""
         side = self.input_size
         x = normalize(resize(images, (side, side)), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        batch = len(images)
+        batch = images.shape[0]  # symbolic when traced (ONNX export keeps the batch dynamic)
         outputs = self.model(
             input_ids=self.input_ids.repeat(batch, 1),
             attention_mask=self.attention_mask.repeat(batch, 1),

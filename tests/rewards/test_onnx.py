@@ -1,0 +1,258 @@
+"""ONNX export (``rewards.onnx``) checked against the torch rewards; ``python -m rewards score --backend onnx``
+and ``python -m rewards export``."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rewards.onnx
+from rewards import Reward, combine, get_reward
+from rewards.__main__ import main
+from rewards.onnx import IMAGE_ONLY, OnnxExportError, OnnxReward, export_onnx
+from rewards.registry import get_entry
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPORTABLE = {
+    "aesthetic": {"tiny": True},
+    "aesthetic-v1": {"tiny": True},
+    "brightness": {},
+    "contrast": {},
+    "owlvit": {"tiny": True, "query": "a cat"},
+    "resnet50": {"target": "cat"},
+    "saturation": {},
+    "shapes": {"objective": "size"},
+    "target-color": {"color": "orange"},
+    "yolo": {"target": "person"},
+}
+"""One build of each reward that error messages name as exportable (``IMAGE_ONLY``)."""
+
+
+def varied(n, height, width):
+    """``n`` images unlike each other (noise, colour ramps, blocks), so that every reward scores them apart."""
+    noise = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    ramp = torch.linspace(0, 1, width).expand(1, 3, height, width) * torch.tensor([1.0, 0.5, 0.0]).view(1, 3, 1, 1)
+    blocks = torch.zeros(1, 3, height, width)
+    blocks[:, 2, :, : width // 2] = 1.0
+    blocks[:, 0, :, width // 2 :] = 0.8
+    kinds = torch.cat([noise, ramp, blocks, 0.3 * noise + 0.7, ramp.flip(-1), blocks.roll(height // 3, -2)])
+    return kinds[torch.arange(n) % len(kinds)]
+
+
+def tolerance(expected, rel=1e-5):
+    """``rel`` of the score scale. 1e-5 covers float32 sums reassociated by onnxruntime's kernels on small images
+    (measured: 1e-7 to 4e-6)."""
+    return rel * max(1.0, expected.abs().max().item())
+
+
+def assert_matches(got, expected, rel=1e-5):
+    """Equal within :func:`tolerance`, and the expected scores spread well beyond it, so that a graph that
+    ignored its input would fail."""
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert (got - expected).abs().max().item() <= tolerance(expected, rel)
+    assert (expected.max() - expected.min()).item() > 10 * tolerance(expected, rel)
+
+
+def test_the_rewards_named_exportable_are_the_ones_tested():
+    assert sorted(name.split()[0] for name in IMAGE_ONLY) == sorted(EXPORTABLE)
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTABLE))
+def test_export_matches_torch_at_any_batch(name, tmp_path):
+    if get_entry(name).missing_packages:
+        pytest.skip(f"needs {', '.join(get_entry(name).missing_packages)} (optional extra)")
+    reward = get_reward(name, pretrained=False, **EXPORTABLE[name])
+    path = export_onnx(reward, tmp_path / f"{name}.onnx", (48, 64))  # traced at batch 2, non-square
+    graph = OnnxReward(path)
+    assert graph.image_size == (48, 64) and graph.name == name
+    assert isinstance(graph.session.get_inputs()[0].shape[0], str), "the batch dimension must be symbolic"
+    images = varied(5, 48, 64)
+    with torch.no_grad():
+        expected = reward(images)
+    assert_matches(graph(images), expected)
+    single = graph(images[:1])
+    assert single.shape == (1,) and abs(single - expected[:1]).item() <= tolerance(expected)
+
+
+def test_default_size_numpy_input_and_a_mix(tmp_path):
+    aesthetic = get_reward("aesthetic", pretrained=False, tiny=True)
+    graph = OnnxReward(export_onnx(aesthetic, tmp_path / "a.onnx"))
+    assert graph.image_size == (224, 224)  # the reward's input_size
+    images = varied(4, 224, 224)
+    with torch.no_grad():
+        expected = aesthetic(images)
+    assert_matches(graph(images.numpy()), expected)
+
+    mix = combine("brightness=2,contrast=-1")
+    graph = OnnxReward(export_onnx(mix, tmp_path / "mix.onnx"))
+    assert graph.image_size == (512, 512) and graph.members == {"brightness": 2.0, "contrast": -1.0}
+    images = varied(3, 512, 512)
+    # 1e-4: onnxruntime's ReduceMean sums the 262,144 pixels in float32 one after another (2.7e-5 off the float64
+    # mean brightness of these images, where torch's cascade summation is within 1e-8).
+    assert_matches(graph(images), mix(images), rel=1e-4)
+    assert graph.last_scores.keys() == mix.last_scores.keys() == {"brightness", "contrast"}
+    for key, value in mix.last_scores.items():
+        assert_matches(graph.last_scores[key], value, rel=1e-4)
+
+
+def test_external_data_when_over_the_threshold(tmp_path):
+    reward = get_reward("shapes", objective="count")
+    inline = export_onnx(reward, tmp_path / "inline.onnx")
+    assert not (tmp_path / "inline.onnx.data").exists()
+    external = export_onnx(reward, tmp_path / "external.onnx", external_data_threshold=0)
+    data = tmp_path / "external.onnx.data"
+    assert data.exists() and external.stat().st_size < 0.2 * inline.stat().st_size < data.stat().st_size
+    images = varied(3, 32, 32)
+    assert_matches(OnnxReward(external)(images), reward(images))
+    export_onnx(reward, external)  # re-exported small: the stale weights file goes
+    assert not data.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["external.onnx", "inline.onnx"]
+
+
+class Failing(Reward):
+    name = "failing"
+
+    def score(self, images, prompts):
+        raise RuntimeError("broken on purpose")
+
+
+class FixedBatch(Reward):
+    name = "fixed-batch"
+
+    def score(self, images, prompts):
+        return images.reshape(len(images), -1).mean(1)
+
+
+def test_a_failed_export_leaves_nothing_and_keeps_an_earlier_file(tmp_path, monkeypatch):
+    with pytest.raises(OnnxExportError, match=r"'failing'.*broken on purpose"):
+        export_onnx(Failing(), tmp_path / "failing.onnx", 8)
+    assert list(tmp_path.iterdir()) == []
+
+    path = export_onnx(get_reward("brightness"), tmp_path / "r.onnx", 8)
+    before = path.read_bytes()
+
+    def write_half(model, staged, external_data=None):
+        Path(staged).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("onnx_ir.save", write_half)
+    with pytest.raises(OSError, match="disk full"):
+        export_onnx(get_reward("contrast"), path, 8)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["r.onnx"]
+
+
+def test_rewards_that_cannot_export_say_why(tmp_path):
+    for reward in (get_reward("shapes", objective="prompt"), get_reward("pickscore", pretrained=False, tiny=True)):
+        with pytest.raises(OnnxExportError, match=rf"'{reward.name}'.*needs prompts.*export: aesthetic, "):
+            export_onnx(reward, tmp_path / "p.onnx")
+    with pytest.raises(OnnxExportError, match=r"'fixed-batch'.*fixes the batch size.*len\(images\)"):
+        export_onnx(FixedBatch(), tmp_path / "f.onnx", 8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loading_and_input_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; export one"):
+        OnnxReward(tmp_path / "missing.onnx")
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07 not a protobuf")
+    with pytest.raises(ValueError, match=r"corrupt\.onnx is not a readable ONNX model"):
+        OnnxReward(tmp_path / "corrupt.onnx")
+    torch.onnx.export(torch.nn.Linear(2, 1).eval(), (torch.rand(1, 2),), tmp_path / "linear.onnx", verbose=False)
+    with pytest.raises(ValueError, match=r"not a reward graph written by rewards\.onnx\.export_onnx"):
+        OnnxReward(tmp_path / "linear.onnx")
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        OnnxReward(tmp_path / "linear.onnx", device="tpu")
+
+    graph = OnnxReward(export_onnx(get_reward("brightness"), tmp_path / "b.onnx", (16, 24)))
+    with pytest.raises(ValueError, match=r"scores 16x24 images; got 24x16.*image_size=\(24, 16\)"):
+        graph(torch.rand(2, 3, 24, 16))
+    with pytest.raises(ValueError, match="4-D"):
+        graph(torch.rand(3, 16, 24))
+    with pytest.raises(ValueError, match="floating-point"):
+        graph(np.zeros((1, 3, 16, 24), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"look like \[0, 255\]"):
+        graph(torch.full((1, 3, 16, 24), 200.0))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Four PNGs of two sizes."""
+    images = tmp_path / "images"
+    images.mkdir()
+    generator = np.random.default_rng(0)
+    for name, size in (("a.png", (32, 32)), ("b.png", (48, 40)), ("c.png", (32, 32)), ("d.png", (48, 40))):
+        scale = generator.uniform(0.2, 1.0)
+        pixels = (generator.integers(0, 256, (*size, 3)) * scale).astype(np.uint8)
+        Image.fromarray(pixels).save(images / name)
+    return images
+
+
+def score_json(capsys, *argv):
+    assert main(["score", *argv, "--format", "json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    "reward", [["--reward", "shapes", "--option", "objective=count"], ["--reward", "brightness=2,contrast=-1"]]
+)
+def test_cli_onnx_backend_equals_torch(folder, capsys, reward):
+    torch_rows = score_json(capsys, str(folder), *reward)
+    onnx_rows = score_json(capsys, str(folder), *reward, "--backend", "onnx", "--batch-size", "3")
+    assert [row.keys() for row in onnx_rows] == [row.keys() for row in torch_rows] and len(torch_rows) == 4
+    for got, expected in zip(onnx_rows, torch_rows, strict=True):
+        assert got["path"] == expected["path"]
+        for key in set(got) - {"path"}:
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)
+    assert len({row["score"] for row in torch_rows}) == 4
+
+
+def test_cli_onnx_file_is_exported_once_then_reused(folder, tmp_path, capsys):
+    file = tmp_path / "shapes.onnx"
+    reward = ["--reward", "shapes", "--option", "objective=count", "--backend", "onnx", "--onnx-file", str(file)]
+    first = score_json(capsys, str(folder / "a.png"), str(folder / "c.png"), *reward)
+    assert file.exists()
+    stamp = file.stat().st_mtime_ns
+    second = score_json(capsys, str(folder / "c.png"), *reward)
+    assert file.stat().st_mtime_ns == stamp and second[0]["score"] == first[1]["score"]
+
+    assert main(["score", str(folder), *reward]) == 2  # a.png is 32x32, b.png 48x40
+    assert "scores 32x32 images and some images are 48x40" in capsys.readouterr().err
+    assert main(["score", str(folder / "a.png"), "--reward", "brightness", "--backend", "onnx",
+                 "--onnx-file", str(file)]) == 2  # fmt: skip
+    assert f"{file} holds reward 'shapes', not 'brightness'" in capsys.readouterr().err
+    assert main(["score", str(folder), "--reward", "brightness", "--onnx-file", str(file)]) == 2
+    assert "--onnx-file goes with --backend onnx" in capsys.readouterr().err
+
+
+def test_cli_export(folder, tmp_path, capsys):
+    file = tmp_path / "out" / "size.onnx"
+    assert main(["export", "shapes", "--option", "objective=size", "--output", str(file), "--image-size", "48x40"]) == 0
+    assert "for 48x40 images (any batch)" in capsys.readouterr().out
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(folder / n), np.float32) / 255).permute(2, 0, 1)
+                          for n in ("b.png", "d.png")])  # fmt: skip
+    assert_matches(OnnxReward(file)(images), get_reward("shapes", objective="size")(images))
+
+    assert main(["export", "pickscore", "--random-weights", "--option", "tiny=true", "--output", str(file)]) == 2
+    assert "error: cannot export reward 'pickscore' to ONNX: it needs prompts" in capsys.readouterr().err
+    assert main(["export", "brightness", "--output", str(file), "--image-size", "big"]) == 2
+    assert "--image-size 'big'" in capsys.readouterr().err
+    assert OnnxReward(file).name == "shapes", "failed exports must leave the earlier file alone"
+
+
+def test_missing_extra_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"pip install -e '.\[onnx\]'"):
+        rewards.onnx.OnnxReward("any.onnx")
+
+
+def test_benchmark_smoke():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "onnx_scoring.py"), "--tiny", "--batch", "2", "--repeats", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "images/s" in result.stdout and "onnxruntime / torch:" in result.stdout
