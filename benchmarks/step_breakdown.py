@@ -42,8 +42,10 @@ VARIANTS = {
     "channels-last": {"channels_last": True},
     "eager-attention": {"attention": "eager"},
     "compiled-prefix": {"compile_prefix": True},
+    "chunked-1": {"grad_chunk_size": 1},
 }
-"""Speed variants: TrainConfig changes against the plain path (SDPA attention, contiguous, eager prefix)."""
+"""TrainConfig changes against the plain path (SDPA attention, contiguous, eager prefix, whole-batch backward):
+the speed options, and what chunking (a memory option) costs in time."""
 
 
 def describe_device(device: torch.device) -> str:
