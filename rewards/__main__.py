@@ -80,7 +80,7 @@ def build_reward(args: argparse.Namespace) -> Reward:
 class OnnxScorer:
     """``--backend onnx``: scores with onnxruntime through one graph per image size, exported from the reward
     (built on first need) into ``directory``; with ``--onnx-file``, through that one file (exported there first if
-    it does not exist). Prompts are not graph inputs: only image-only rewards export."""
+    it does not exist). A prompt reward's graph turns the prompts into its prompt inputs itself."""
 
     def __init__(self, args: argparse.Namespace, directory: Path) -> None:
         self.args, self.directory = args, directory
@@ -111,7 +111,7 @@ class OnnxScorer:
                 print(f"exported reward '{self.reward.name}' for {size[0]}x{size[1]} images to {path}", file=sys.stderr)
             self.graphs[size] = OnnxReward(path, self.device)
         graph = self.graphs[size]
-        scores = graph(images)
+        scores = graph(images, prompts)
         self.last_scores = graph.last_scores
         return scores
 
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "--onnx-file", help="with --backend onnx: the graph to use as it is, or to export there if it does not exist"
     )
     export_cmd = commands.add_parser("export", help="export a reward's scoring graph to ONNX")
-    export_cmd.add_argument("reward", metavar="NAME", help="a reward name or a mix of image-only rewards")
+    export_cmd.add_argument("reward", metavar="NAME", help="a reward name or a mix")
     export_cmd.add_argument("--output", required=True, help="the .onnx file to write (replaced if it exists)")
     export_cmd.add_argument("--image-size", help="SIDE or HEIGHTxWIDTH (default: the reward's input size, or 512)")
     add_reward_arguments(export_cmd)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from rewards.text import PromptCache, PromptProcessor
+
 if TYPE_CHECKING:
     from rewards.combine import CombinedReward
 
@@ -31,6 +33,12 @@ class Reward(nn.Module):
     Subclasses implement :meth:`score` and set the metadata below. Inputs are validated once in
     :meth:`forward`; set ``check_inputs = False`` on an instance to skip the checks (they synchronise with the
     device once per call).
+
+    Prompt rewards split scoring in two instead, so that it exports to ONNX (``rewards.onnx``) with one code path:
+    ``prompt_processor`` turns prompts into tensors in Python without a model (token ids, parsed captions), and
+    tensor code does the rest: :meth:`encode_prompts` (what depends on the prompts alone, e.g. a text encoder) and
+    :meth:`score_encoded`. The torch path caches ``encode_prompts``' rows per prompt (``prompt_cache``); an
+    exported graph runs both from the processor's tensors (:meth:`compute_inputs`).
     """
 
     name: str = "reward"
@@ -42,10 +50,35 @@ class Reward(nn.Module):
     normalization: tuple[float, float] = (0.0, 1.0)
     """Default ``(mean, std)`` used by ``combine(..., normalize=True)`` to put rewards on a common scale."""
     check_inputs: bool = True
+    prompt_processor: PromptProcessor | None = None
+    """Prompts to tensors, without a model (rewards that read prompts set it; see the class docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompt_cache = PromptCache(self._encode_prompts)
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        """Score validated images (already in the reward's dtype). Subclasses implement this."""
+        """Score validated images (already in the reward's dtype). Image-only rewards implement this; prompt rewards
+        inherit it: :meth:`score_encoded` on the cached :meth:`encode_prompts` of each prompt."""
+        if self.prompt_processor is None:
+            raise NotImplementedError(f"reward '{self.name}' implements neither score nor a prompt_processor")
+        return self.score_encoded(images, self.prompt_cache(prompts, images.device, images.dtype))
+
+    def encode_prompts(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of scoring that depends on the prompt tensors alone (e.g. a text encoder). Default: none."""
+        return inputs
+
+    def score_encoded(self, images: torch.Tensor, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Score images (in the reward's dtype) against :meth:`encode_prompts`' output, one row per image."""
         raise NotImplementedError
+
+    def prompt_processors(self) -> dict[str, PromptProcessor]:
+        """Each processor this reward's scoring reads, keyed by the prefix of its tensor names (``""`` here)."""
+        return {"": self.prompt_processor} if self.prompt_processor is not None else {}
+
+    def _encode_prompts(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        inputs = self.prompt_processor(prompts)  # type: ignore[misc]  (called only when there is one)
+        return self.encode_prompts({name: t.to(device) for name, t in inputs.items()})
 
     def forward(self, images: torch.Tensor, prompts: Prompts = None) -> torch.Tensor:
         prompt_list = self.validate(images, prompts) if self.check_inputs else _as_list(prompts, len(images))
@@ -60,6 +93,19 @@ class Reward(nn.Module):
 
     def compute(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         """Score without validation: move to the reward's dtype, call :meth:`score`, return float32."""
+        images = self._prepare(images)
+        return self._checked(self.score(images, prompts), images)
+
+    def compute_inputs(self, images: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`compute` from the prompt processors' tensors (named as by :meth:`prompt_processors`) instead of
+        prompts, with nothing cached: the tensor-only path that an exported graph runs."""
+        images = self._prepare(images)
+        if self.prompt_processor is None:
+            return self._checked(self.score(images, None), images)
+        return self._checked(self.score_encoded(images, self.encode_prompts(inputs)), images)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Keep parameters frozen; check the device; move the images to the reward's dtype."""
         if any(p.requires_grad for p in self.parameters()):  # e.g. a parent module's requires_grad_(True)
             self.requires_grad_(False)
         state = next((t for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point()), None)
@@ -70,7 +116,9 @@ class Reward(nn.Module):
                     f"move one of them, e.g. reward.to(images.device)"
                 )
             images = images.to(state.dtype)
-        scores = self.score(images, prompts)
+        return images
+
+    def _checked(self, scores: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         if scores.shape != (images.shape[0],):
             raise RuntimeError(
                 f"reward '{self.name}' returned shape {tuple(scores.shape)}; expected ({images.shape[0]},)"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from rewards.base import Reward
+from rewards.text import PromptProcessor
 
 
 class CombinedReward(Reward):
@@ -91,10 +92,29 @@ class CombinedReward(Reward):
         return self.score(images, prompts)
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        return self._mix(lambda key, member: member.compute(images, prompts))
+
+    def compute_inputs(self, images: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        def member_inputs(key: str) -> dict[str, torch.Tensor]:
+            prefix = f"{key}/"
+            return {name.removeprefix(prefix): t for name, t in inputs.items() if name.startswith(prefix)}
+
+        return self._mix(lambda key, member: member.compute_inputs(images, member_inputs(key)))
+
+    def prompt_processors(self) -> dict[str, PromptProcessor]:
+        """The members' processors, each prefix led by the member's key: ``{"pickscore/": ...}``."""
+        return {
+            f"{key}/{prefix}": processor
+            for key, member in self.members.items()
+            for prefix, processor in member.prompt_processors().items()
+        }
+
+    def _mix(self, member_scores: Callable[[str, Reward], torch.Tensor]) -> torch.Tensor:
+        """The weighted, normalised sum of ``member_scores(key, member)``; keeps the raw scores in ``last_scores``."""
         total = None
         self.last_scores = {}
         for key, member in self.members.items():
-            raw = member.compute(images, prompts)
+            raw = member_scores(key, member)
             self.last_scores[key] = raw.detach()
             mean, std = self.member_normalization[key]
             term = self.weights[key] * (raw - mean) / std

@@ -12,7 +12,7 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from rewards.base import Reward
 from rewards.registry import register_reward
-from rewards.text import PromptCache
+from rewards.text import PromptProcessor
 from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize_longer_side_and_pad
 from rewards.weights import (
     MAIN,
@@ -48,6 +48,27 @@ def vit_h_14(tiny: bool = False) -> dict:
     )
 
 
+class OpenClipPrompts(PromptProcessor):
+    """open_clip's own CLIP tokenizer (text cleaning with ftfy, BPE, padded with 0), as the HPS reference uses it;
+    open_clip ships its vocabulary, so only the context length is stored."""
+
+    kind = "open_clip"
+
+    def __init__(self, context_length: int = 77) -> None:
+        self.context_length = context_length
+        self.tokenizer = SimpleTokenizer(context_length=context_length)
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokenizer(prompts)}
+
+    def to_json(self) -> dict:
+        return {"context_length": self.context_length}
+
+    @classmethod
+    def from_json(cls, data: dict) -> OpenClipPrompts:
+        return cls(int(data["context_length"]))
+
+
 class HPSReward(Reward):
     """cos(image, prompt) under an open_clip CLIP model (the HPS recipe)."""
 
@@ -59,18 +80,16 @@ class HPSReward(Reward):
         super().__init__()
         self.model = model
         self.typical_range, self.normalization = typical_range, normalization
-        self.tokenizer = SimpleTokenizer(context_length=77)
-        self.text_features = PromptCache(self._encode)
+        self.prompt_processor = OpenClipPrompts(model.context_length)
         self.freeze()
 
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(prompts).to(self.model.logit_scale.device), normalize=True)
+    def encode_prompts(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"text": self.model.encode_text(inputs["input_ids"], normalize=True)}
 
-    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+    def score_encoded(self, images: torch.Tensor, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
         x = normalize(resize_longer_side_and_pad(images, 224), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         image = self.model.encode_image(x, normalize=True)
-        text = self.text_features(prompts, image.device, self.model.logit_scale.dtype).to(image.dtype)
-        return (image * text).sum(dim=-1)
+        return (image * encoded["text"].to(image.dtype)).sum(dim=-1)
 
 
 def _build(name: str, pretrained: bool, weights: dict, tiny: bool, typical, normalization) -> Reward:

@@ -28,7 +28,7 @@ from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisio
 from rewards.aesthetic import AestheticMLP
 from rewards.base import Reward
 from rewards.registry import register_reward
-from rewards.text import PromptCache
+from rewards.text import TokenizerPrompts
 from rewards.transforms import CLIP_224
 from rewards.weights import (
     MissingWeightsError,
@@ -242,25 +242,15 @@ class ImageRewardModel(Reward):
         self.vision = vision
         self.text = text
         self.mlp = AestheticMLP(text.config.hidden_size)  # the same 5-Linear, no-ReLU head (mlp.layers.{0,2,4,6,7})
-        self.tokenizer = tokenizer
-        self.tokens = PromptCache(self._tokenize)
+        # Only tokens are cached per prompt (encode_prompts is the identity): the text attends to the image.
+        self.prompt_processor = TokenizerPrompts.of(tokenizer, MAX_LENGTH, ("input_ids", "attention_mask"))
         self.freeze()
 
-    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids and attention mask, stacked as [N, 2, 35] (only tokens can be cached: the text attends to the
-        image)."""
-        tokens = self.tokenizer(
-            prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
-        )
-        device = self.text.embeddings.word_embeddings.weight.device
-        return torch.stack([tokens.input_ids, tokens.attention_mask], dim=1).to(device)
-
-    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+    def score_encoded(self, images: torch.Tensor, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
         image_embeds = self.vision(pixel_values=CLIP_224(images)).last_hidden_state  # after the final LayerNorm
-        tokens = self.tokens(prompts, image_embeds.device, torch.long)
         text = self.text(
-            input_ids=tokens[:, 0],
-            attention_mask=tokens[:, 1],
+            input_ids=encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
             encoder_hidden_states=image_embeds,  # every image token is attended to (the reference's all-ones mask)
             is_decoder=False,  # bidirectional self-attention, as BLIP's BertModel in multimodal mode
         )

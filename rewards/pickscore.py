@@ -12,7 +12,7 @@ from transformers import CLIPConfig, CLIPModel
 from rewards.base import Reward
 from rewards.clip import build_clip_tokenizer
 from rewards.registry import register_reward
-from rewards.text import PromptCache
+from rewards.text import TokenizerPrompts
 from rewards.transforms import CLIP_224
 from rewards.weights import MAIN, WeightsArg, WeightSource, build_model
 
@@ -60,22 +60,19 @@ class CLIPPreferenceReward(Reward):
     def __init__(self, model: CLIPModel) -> None:
         super().__init__()
         self.model = model
-        self.tokenizer = build_clip_tokenizer()
-        self.text_features = PromptCache(self._encode)
+        self.prompt_processor = TokenizerPrompts.of(build_clip_tokenizer(), max_length=77)
         self.freeze()
 
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        features = self.model.get_text_features(input_ids=tokens.input_ids.to(self.model.logit_scale.device))
+    def encode_prompts(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        features = self.model.get_text_features(input_ids=inputs["input_ids"])
         features = getattr(features, "pooler_output", features)
-        return features / features.norm(dim=-1, keepdim=True)
+        return {"text": features / features.norm(dim=-1, keepdim=True)}
 
-    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+    def score_encoded(self, images: torch.Tensor, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
         features = self.model.get_image_features(pixel_values=CLIP_224(images))
         features = getattr(features, "pooler_output", features)
         image = features / features.norm(dim=-1, keepdim=True)
-        text = self.text_features(prompts, image.device, self.model.logit_scale.dtype).to(image.dtype)
-        return self.model.logit_scale.exp() * (image * text).sum(dim=-1)
+        return self.model.logit_scale.exp() * (image * encoded["text"].to(image.dtype)).sum(dim=-1)
 
 
 @register_reward("pickscore", components=(MAIN,))

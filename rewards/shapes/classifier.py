@@ -18,6 +18,7 @@ from torch import nn
 from rewards.base import Reward
 from rewards.registry import register_reward
 from rewards.shapes.world import COLORS, MAX_COUNT, RESOLUTION, SHAPES, parse_caption
+from rewards.text import PromptProcessor
 from rewards.transforms import resize
 from rewards.weights import MAIN, WeightsArg, WeightSource, load_component
 
@@ -78,13 +79,36 @@ class ShapesClassifier(nn.Module):
         )
 
 
+class CaptionTargets(PromptProcessor):
+    """World captions as the indices the classifier's heads predict: ``count``, ``color`` and ``shape``. The
+    colour and kind names are stored with it, so an exported graph reads its indices as they were trained."""
+
+    kind = "shapes-caption"
+    example = "two red circles"
+
+    def __init__(self, colors: tuple[str, ...] = tuple(COLORS), shapes: tuple[str, ...] = SHAPES) -> None:
+        self.colors, self.shapes = tuple(colors), tuple(shapes)
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        parsed = [parse_caption(p) for p in prompts]
+        return {
+            "count": torch.tensor([n for n, _, _ in parsed]),
+            "color": torch.tensor([self.colors.index(c) for _, c, _ in parsed]),
+            "shape": torch.tensor([self.shapes.index(s) for _, _, s in parsed]),
+        }
+
+    def to_json(self) -> dict:
+        return {"colors": list(self.colors), "shapes": list(self.shapes)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> CaptionTargets:
+        return cls(tuple(data["colors"]), tuple(data["shapes"]))
+
+
 def caption_targets(prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(count, color index, shape index) tensors for world captions."""
-    parsed = [parse_caption(p) for p in prompts]
-    return tuple(  # type: ignore[return-value]
-        torch.tensor(values, device=device)
-        for values in zip(*[(n, list(COLORS).index(c), SHAPES.index(s)) for n, c, s in parsed], strict=True)
-    )
+    targets = CaptionTargets()(prompts)
+    return tuple(targets[name].to(device) for name in ("count", "color", "shape"))  # type: ignore[return-value]
 
 
 def prompt_agreement(prediction: Prediction, prompts: list[str]) -> torch.Tensor:
@@ -104,17 +128,23 @@ class ShapesReward(Reward):
         self.classifier = classifier
         self.objective = objective
         self.needs_prompts = objective == "prompt"
+        if self.needs_prompts:
+            self.prompt_processor = CaptionTargets()
         self.sign = sign
         self.target = target
         self.typical_range, self.normalization = TYPICAL[objective]
         self.freeze()
 
-    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+    def score_encoded(self, images: torch.Tensor, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The ``prompt`` objective: log-probability of the caption's count, colour and kind."""
         prediction = self.classifier(images)
+        heads = {"count": prediction.count, "color": prediction.color, "shape": prediction.shape}
+        return sum(head.gather(1, encoded[name][:, None])[:, 0] for name, head in heads.items())
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         if self.objective == "prompt":
-            targets = caption_targets(prompts, images.device)
-            heads = (prediction.count, prediction.color, prediction.shape)
-            return sum(h.gather(1, t[:, None])[:, 0] for h, t in zip(heads, targets, strict=True))
+            return super().score(images, prompts)
+        prediction = self.classifier(images)
         if self.objective == "count":
             counts = torch.arange(MAX_COUNT + 1, device=images.device, dtype=prediction.count.dtype)
             return self.sign * (prediction.count.exp() * counts).sum(1)

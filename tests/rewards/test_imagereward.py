@@ -369,17 +369,23 @@ def test_score_matches_independent_computations(checkpoint, loaded):
 def test_tokens_are_cached_and_start_with_cls(checkpoint, loaded):
     _, _, vocab = checkpoint
     lines = vocab.read_text().split()
-    tokenizer = loaded.tokenizer
-    assert tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [len(lines), len(lines) + 1]
+    tokenizer = loaded.prompt_processor.tokenizer
+    assert [tokenizer.token_to_id(t) for t in ("[DEC]", "[ENC]")] == [len(lines), len(lines) + 1]
     with torch.no_grad():
         loaded(torch.rand(2, 3, 64, 64), PROMPTS)
         loaded(torch.rand(1, 3, 64, 64), PROMPTS[:1])
-    tokens = loaded.tokens(PROMPTS, torch.device("cpu"), torch.long)
-    assert len(loaded.tokens) == 2 and tokens.dtype == torch.long and tokens.shape == (2, 2, 35)
+    tokens = loaded.prompt_cache(PROMPTS, torch.device("cpu"), torch.float32)
+    assert len(loaded.prompt_cache) == 2 and tokens.keys() == {"input_ids", "attention_mask"}
+    assert tokens["input_ids"].dtype == torch.long and tokens["input_ids"].shape == (2, 35)
     # The reference scores with the tokenizer's ids as they are: [CLS] first (never replaced by [ENC]), then padding.
-    assert (tokens[:, 0, 0] == lines.index("[CLS]")).all()
-    expected = blip_tokenizer(vocab)(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-    assert torch.equal(tokens[:, 0], expected.input_ids) and torch.equal(tokens[:, 1], expected.attention_mask)
+    assert (tokens["input_ids"][:, 0] == lines.index("[CLS]")).all()
+    long = "a painting of " + "a very red cat " * 20 + "[DEC]"  # truncated to 35 tokens
+    reference = blip_tokenizer(vocab)
+    for prompts in (PROMPTS, [long, "[ENC] a dog"]):
+        ours = loaded.prompt_processor(prompts)
+        expected = reference(prompts, padding="max_length", max_length=35, truncation=True, return_tensors="pt")
+        assert torch.equal(ours["input_ids"], expected.input_ids)
+        assert torch.equal(ours["attention_mask"], expected.attention_mask)
 
 
 def test_gradient_batch_and_bf16_autocast(loaded):
@@ -419,7 +425,7 @@ def test_offline_errors(checkpoint, tmp_path):
 
 def test_random_weights_need_no_download():
     reward = get_reward("imagereward", pretrained=False, tiny=True)
-    assert reward.tokenizer.convert_tokens_to_ids("[CLS]") == 2
+    assert reward.prompt_processor.tokenizer.token_to_id("[CLS]") == 2
     with torch.no_grad():
         scores = reward(torch.rand(2, 3, 64, 64), PROMPTS)
     assert scores.shape == (2,) and torch.isfinite(scores).all()

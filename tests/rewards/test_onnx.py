@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 import rewards.onnx
-from rewards import Reward, combine, get_reward
+from rewards import Reward, combine, get_reward, list_rewards
 from rewards.__main__ import main
-from rewards.onnx import IMAGE_ONLY, OnnxExportError, OnnxReward, export_onnx
+from rewards.onnx import OnnxExportError, OnnxReward, export_onnx
 from rewards.registry import get_entry
+from rewards.text import processor_from_json, processor_to_json, prompt_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPORTABLE = {
@@ -31,7 +32,23 @@ EXPORTABLE = {
     "target-color": {"color": "orange"},
     "yolo": {"target": "person"},
 }
-"""One build of each reward that error messages name as exportable (``IMAGE_ONLY``)."""
+"""One build of each reward that scores images alone."""
+PROMPTED = {
+    "hpsv2": {"tiny": True},
+    "hpsv2.1": {"tiny": True},
+    "imagereward": {"tiny": True},
+    "pickscore": {"tiny": True},
+    "shapes": {"objective": "prompt"},
+}
+"""One build of each reward that reads prompts."""
+PROMPTS = [
+    "a photo of a cat",
+    "an oil painting of a red car",
+    "dog",
+    "a watercolor of a mountain village at dawn, " * 12,  # truncated
+    "It\u2019s a caf\u00e9 &amp; a dog",  # open_clip's cleaning (curly quote, entity) and accents
+]
+CAPTIONS = ["two red circles", "one blue square", "three green triangles", "a yellow circle", "two blue triangles"]
 
 
 def varied(n, height, width):
@@ -59,8 +76,66 @@ def assert_matches(got, expected, rel=1e-5):
     assert (expected.max() - expected.min()).item() > 10 * tolerance(expected, rel)
 
 
-def test_the_rewards_named_exportable_are_the_ones_tested():
-    assert sorted(name.split()[0] for name in IMAGE_ONLY) == sorted(EXPORTABLE)
+def test_every_registered_reward_is_tested():
+    assert sorted(list_rewards()) == sorted(set(EXPORTABLE) | set(PROMPTED))
+
+
+def prompts_for(reward, n):
+    """``n`` prompts the reward accepts, all different for n <= 5."""
+    pool = CAPTIONS if reward.name == "shapes" else PROMPTS
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+@pytest.mark.parametrize("name", sorted(PROMPTED))
+def test_prompt_reward_export_matches_torch_at_any_batch(name, tmp_path):
+    reward = get_reward(name, pretrained=False, **PROMPTED[name])
+    path = export_onnx(reward, tmp_path / f"{name}.onnx", (48, 64))
+    graph = OnnxReward(path)
+    assert graph.needs_prompts and graph.name == name
+    assert graph.prompt_inputs == list(reward.prompt_processor([reward.prompt_processor.example]))
+    assert all(isinstance(i.shape[0], str) for i in graph.session.get_inputs()), "every batch dimension is symbolic"
+    images, prompts = varied(5, 48, 64), prompts_for(reward, 5)
+    with torch.no_grad():
+        expected = reward(images, prompts)
+        shifted = reward(images, prompts[1:] + prompts[:1])
+        one_prompt = reward(images, prompts[0])
+        # The torch path (text cached per prompt) and the graph's tensor-only path share their maths.
+        inputs = prompt_tensors(reward.prompt_processors(), prompts)
+        torch.testing.assert_close(reward.compute_inputs(images, inputs), expected, rtol=0, atol=1e-6)
+    assert_matches(graph(images, prompts), expected)
+    assert_matches(graph(images, prompts[1:] + prompts[:1]), shifted)
+    assert_matches(graph(images.numpy(), prompts[0]), one_prompt)
+    assert (expected - shifted).abs().max().item() > 10 * tolerance(expected), "prompts must change the scores"
+    single = graph(images[:1], prompts[:1])
+    assert single.shape == (1,) and abs(single - expected[:1]).item() <= tolerance(expected)
+
+
+@pytest.mark.parametrize("name", sorted(PROMPTED))
+def test_prompt_processors_round_trip_through_json(name):
+    processor = get_reward(name, pretrained=False, **PROMPTED[name]).prompt_processor
+    rebuilt = processor_from_json(json.loads(json.dumps(processor_to_json(processor))))
+    prompts = CAPTIONS if name == "shapes" else PROMPTS
+    expected = processor(prompts)
+    got = rebuilt(prompts)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(t.dtype == torch.long and t.shape[0] == len(prompts) for t in got.values())
+    with pytest.raises(ValueError, match=r"unknown prompt processor kind 'python'; known: .*tokenizer"):
+        processor_from_json({"kind": "python", "code": "..."})
+
+
+def test_a_mix_with_prompt_members(tmp_path):
+    pickscore = get_reward("pickscore", pretrained=False, tiny=True)
+    hps = get_reward("hpsv2.1", pretrained=False, tiny=True)
+    mix = combine({pickscore: 0.1, hps: 2.0, "brightness": 1.0}, normalize={"pickscore": (0.0, 2.0)})
+    graph = OnnxReward(export_onnx(mix, tmp_path / "mix.onnx", 40))
+    assert graph.prompt_inputs == ["pickscore/input_ids", "hpsv2.1/input_ids"]
+    images, prompts = varied(4, 40, 40), PROMPTS[:4]
+    with torch.no_grad():
+        expected = mix(images, prompts)
+    assert_matches(graph(images, prompts), expected)
+    assert graph.last_scores.keys() == mix.last_scores.keys() == {"pickscore", "hpsv2.1", "brightness"}
+    for key, value in mix.last_scores.items():
+        assert_matches(graph.last_scores[key], value, rel=1e-4 if key == "brightness" else 1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(EXPORTABLE))
@@ -147,10 +222,21 @@ def test_a_failed_export_leaves_nothing_and_keeps_an_earlier_file(tmp_path, monk
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["r.onnx"]
 
 
+class Prompted(Reward):
+    """Reads prompts in ``score`` itself, with no prompt processor."""
+
+    name = "prompted"
+    needs_prompts = True
+
+    def score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3)) + torch.tensor([len(p) for p in prompts])
+
+
 def test_rewards_that_cannot_export_say_why(tmp_path):
-    for reward in (get_reward("shapes", objective="prompt"), get_reward("pickscore", pretrained=False, tiny=True)):
-        with pytest.raises(OnnxExportError, match=rf"'{reward.name}'.*needs prompts.*export: aesthetic, "):
-            export_onnx(reward, tmp_path / "p.onnx")
+    shapes = get_reward("shapes", objective="prompt")
+    for reward, which in ((Prompted(), "it"), (combine({shapes: 1.0, Prompted(): 1.0}), "its member 'prompted'")):
+        with pytest.raises(OnnxExportError, match=rf"{which} needs prompts but has no prompt_processor"):
+            export_onnx(reward, tmp_path / "p.onnx", 8)
     with pytest.raises(OnnxExportError, match=r"'fixed-batch'.*fixes the batch size.*len\(images\)"):
         export_onnx(FixedBatch(), tmp_path / "f.onnx", 8)
     assert list(tmp_path.iterdir()) == []
@@ -177,6 +263,15 @@ def test_loading_and_input_errors(tmp_path):
         graph(np.zeros((1, 3, 16, 24), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"look like \[0, 255\]"):
         graph(torch.full((1, 3, 16, 24), 200.0))
+
+    graph = OnnxReward(export_onnx(get_reward("shapes", objective="prompt"), tmp_path / "s.onnx"))
+    images = varied(2, 32, 32)
+    with pytest.raises(ValueError, match="reward 'shapes' needs prompts"):
+        graph(images)
+    with pytest.raises(ValueError, match="got 3 prompts for 2 images"):
+        graph(images, CAPTIONS[:3])
+    with pytest.raises(ValueError, match="not a shapes-world caption"):
+        graph(images, "a photo of a cat")
 
 
 @pytest.fixture
@@ -211,6 +306,34 @@ def test_cli_onnx_backend_equals_torch(folder, capsys, reward):
     assert len({row["score"] for row in torch_rows}) == 4
 
 
+@pytest.mark.parametrize(
+    "reward",
+    [
+        ["--reward", "pickscore", "--random-weights", "--weights", "TINY", "--prompt", "a cat"],
+        ["--reward", "shapes", "--option", "objective=prompt", "--prompts-file", "CAPTIONS"],
+    ],
+)
+def test_cli_onnx_backend_with_prompts_equals_torch(folder, tmp_path, capsys, reward):
+    """Both backends build the reward from the same weights (the shipped classifier, or a saved tiny PickScore)."""
+    from transformers import CLIPModel
+
+    from rewards.pickscore import pickscore_config
+
+    CLIPModel(pickscore_config(tiny=True)).save_pretrained(tmp_path / "tiny")
+    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS[:4]))
+    files = {"TINY": str(tmp_path / "tiny"), "CAPTIONS": str(tmp_path / "captions.txt")}
+    reward = [files.get(item, item) for item in reward]
+    torch_rows = score_json(capsys, str(folder), *reward)
+    onnx_rows = score_json(capsys, str(folder), *reward, "--backend", "onnx", "--batch-size", "3")
+    assert len(onnx_rows) == len(torch_rows) == 4
+    for got, expected in zip(onnx_rows, torch_rows, strict=True):
+        assert got["path"] == expected["path"] and got.keys() == {"path", "score"}
+        assert got["score"] == pytest.approx(expected["score"], rel=1e-5, abs=1e-6)
+    assert len({row["score"] for row in torch_rows}) == 4
+    assert main(["score", str(folder), *reward[:-2], "--backend", "onnx"]) == 2
+    assert "needs prompts" in capsys.readouterr().err
+
+
 def test_cli_onnx_file_is_exported_once_then_reused(folder, tmp_path, capsys):
     file = tmp_path / "shapes.onnx"
     reward = ["--reward", "shapes", "--option", "objective=count", "--backend", "onnx", "--onnx-file", str(file)]
@@ -237,8 +360,10 @@ def test_cli_export(folder, tmp_path, capsys):
                           for n in ("b.png", "d.png")])  # fmt: skip
     assert_matches(OnnxReward(file)(images), get_reward("shapes", objective="size")(images))
 
-    assert main(["export", "pickscore", "--random-weights", "--option", "tiny=true", "--output", str(file)]) == 2
-    assert "error: cannot export reward 'pickscore' to ONNX: it needs prompts" in capsys.readouterr().err
+    prompted = tmp_path / "out" / "pickscore.onnx"
+    assert main(["export", "pickscore", "--random-weights", "--option", "tiny=true", "--output", str(prompted)]) == 0
+    assert "for 224x224 images (any batch)" in capsys.readouterr().out
+    assert OnnxReward(prompted).prompt_inputs == ["input_ids"]
     assert main(["export", "brightness", "--output", str(file), "--image-size", "big"]) == 2
     assert "--image-size 'big'" in capsys.readouterr().err
     assert OnnxReward(file).name == "shapes", "failed exports must leave the earlier file alone"

@@ -72,7 +72,7 @@ def test_tiny_matches_reference_and_caches_text(tmp_path):
         again = reward(images, PROMPTS[::-1][::-1])
     torch.testing.assert_close(first, reference_pickscore(tmp_path / "tiny", images, PROMPTS), rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(first, again)
-    assert len(reward.text_features) == 2
+    assert len(reward.prompt_cache) == 2
 
 
 def test_strict_loading_and_offline_error(tmp_path):
