@@ -73,7 +73,7 @@ def build(args: argparse.Namespace, config: TrainConfig) -> Trainer:
 
 
 def make_config(args: argparse.Namespace, **changes: object) -> TrainConfig:
-    return TrainConfig(
+    settings = dict(
         method=args.method,
         k=args.k,
         lv_n=args.lv_n,
@@ -85,8 +85,8 @@ def make_config(args: argparse.Namespace, **changes: object) -> TrainConfig:
         mixed_precision=args.precision,
         device=args.device,
         output_dir=tempfile.mkdtemp(prefix="step-breakdown-"),
-        **changes,
     )
+    return TrainConfig(**{**settings, **changes})
 
 
 def floor_seconds(trainer: Trainer, peak: float) -> float:
@@ -141,8 +141,9 @@ def main() -> None:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
 
     device = torch.device(args.device)
+    k = make_config(args).effective_k
     print(
-        f"one {args.method} training step (K {args.k}), pipeline {args.model or args.size}, reward {args.reward}"
+        f"one {args.method} training step (K {k}), pipeline {args.model or args.size}, reward {args.reward}"
         f"{' (tiny)' if args.tiny_reward else ''}, T = {args.steps}, guidance {args.guidance}, batch {args.batch}, "
         f"chunk {args.chunk}, device {describe_device(device)}"
     )
