@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from step_breakdown import describe_device, floor_seconds, peak_flops, print_phases
+from step_breakdown import describe_device, peak_flops, print_phases
 
 from finetune.config import TrainConfig
 from finetune.pipelines import build_random_pipeline
-from finetune.profiling import profile_step
+from finetune.profiling import profile_step, step_floor_flops
 from finetune.trainer import Trainer
 from rewards import get_reward
 
@@ -72,7 +72,7 @@ def measure(setup: dict, device: torch.device, batch: int, repeats: int, **chang
     trainer = build_trainer(setup, device, batch, **changes)
     try:
         peak, source = peak_flops(device, trainer.autocast_dtype or torch.float32)
-        floor = floor_seconds(trainer, peak)
+        floor = step_floor_flops(trainer) / peak
         profile = profile_step(trainer, repeats=repeats, count=False)
     finally:
         del trainer

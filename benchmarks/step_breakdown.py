@@ -27,12 +27,10 @@ from finetune.pipelines import PIPELINE_SIZES, build_random_pipeline, load_pipel
 from finetune.profiling import (
     PHASES,
     StepProfile,
-    component_flops,
-    lower_bound_flops,
     measured_peak_flops,
     profile_step,
     spec_peak_flops,
-    step_work,
+    step_floor_flops,
 )
 from finetune.trainer import Trainer
 from rewards import get_reward
@@ -87,12 +85,6 @@ def make_config(args: argparse.Namespace, **changes: object) -> TrainConfig:
         output_dir=tempfile.mkdtemp(prefix="step-breakdown-"),
     )
     return TrainConfig(**{**settings, **changes})
-
-
-def floor_seconds(trainer: Trainer, peak: float) -> float:
-    """The step's FLOP lower bound at ``peak`` FLOP/s, from this pipeline's and reward's component counts."""
-    components = component_flops(trainer.pipeline, trainer.reward, trainer.config.resolution)
-    return lower_bound_flops(step_work(trainer.config), components) / peak
 
 
 def print_phases(profile: StepProfile) -> None:
@@ -153,7 +145,7 @@ def main() -> None:
         trainer = build(args, make_config(args, **VARIANTS[name]))
         if floor is None:  # the same for every variant: it depends on the work, not on how it runs
             peak, peak_source = peak_flops(device, trainer.autocast_dtype or torch.float32)
-            floor = floor_seconds(trainer, peak)
+            floor = step_floor_flops(trainer) / peak
             print(f"FLOP floor at {peak / 1e12:.3f} TFLOP/s ({peak_source}): {floor:.3f} s per step")
         start = time.perf_counter()
         # FLOPs are counted op by op in eager mode, once (they do not depend on the variant).

@@ -146,6 +146,14 @@ def lower_bound_flops(work: StepWork, components: dict[str, int]) -> float:
     return forward_only + 2 * with_backward
 
 
+def step_floor_flops(trainer: Trainer) -> float:
+    """The FLOP lower bound of one of ``trainer``'s optimizer steps, from its pipeline's and reward's component
+    counts (counted under the trainer's autocast, as the step runs: on a GPU the frozen weights are bf16)."""
+    with trainer.autocast():
+        components = component_flops(trainer.pipeline, trainer.reward, trainer.config.resolution)
+    return lower_bound_flops(step_work(trainer.config), components)
+
+
 @dataclass
 class StepProfile:
     """Measured seconds (median over repeats) and counted FLOPs of each phase of one training step."""

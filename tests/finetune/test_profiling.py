@@ -10,6 +10,7 @@ from finetune.profiling import (
     lower_bound_flops,
     profile_step,
     spec_peak_flops,
+    step_floor_flops,
     step_work,
 )
 from finetune.timing import PhaseTimer
@@ -46,6 +47,18 @@ def test_cost_model_matches_the_flops_counted_in_a_step(tiny_model_dir, tiny_con
     assert profile.counted_flops >= lower_bound_flops(work, components) * 0.99
     assert {"decode", "grad steps backward", "optimizer"} <= set(profile.seconds) <= set(PHASES)
     assert 0 < sum(profile.seconds.values()) <= profile.step_seconds * 1.01
+
+
+def test_floor_of_a_bf16_pipeline_is_counted_under_the_trainers_autocast(tiny_model_dir, tiny_config):
+    """As on a GPU: frozen weights in bf16, LoRA in fp32, the step under bf16 autocast."""
+    trainer = Trainer(load_pipeline(tiny_model_dir), get_reward("aesthetic", pretrained=False, tiny=True), tiny_config)
+    fp32_floor = step_floor_flops(trainer)
+    for module in (trainer.pipeline.unet, trainer.pipeline.vae, trainer.pipeline.text_encoder, trainer.reward):
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    trainer.autocast_dtype = torch.bfloat16
+    assert step_floor_flops(trainer) == fp32_floor > 0
 
 
 def test_step_work_counts():
