@@ -1,11 +1,14 @@
 """Speed and memory options give the plain path's gradients: chunked backward, attention kernel, channels-last,
 compiled prefix, TF32."""
 
+import math
+
 import pytest
 import torch
 
 from finetune.methods import BatchRandom
 from finetune.pipelines import load_pipeline
+from finetune.profiling import step_floor_flops
 from finetune.trainer import Trainer
 from rewards import get_reward
 
@@ -122,3 +125,21 @@ def test_tf32_gives_the_same_gradients_on_cuda(tiny_model_dir, tiny_config):
     plain, _, _ = gradients(trainer_for(tiny_model_dir, config, allow_tf32=False))
     fast, _, _ = gradients(trainer_for(tiny_model_dir, config, allow_tf32=True))
     assert_same(fast, plain, rtol=2e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize(("method", "chunk"), [("draft-k", None), ("draft-lv", 1), ("refl", 1)])
+def test_gpu_precision_layout_trains_on_the_cpu(tiny_model_dir, tiny_config, method, chunk):
+    """What a CUDA trainer does (frozen weights in bf16, LoRA in fp32, bf16 autocast), emulated on the CPU: the
+    chunked backward and the profiler's floor hold up to the mixed dtypes."""
+    config = tiny_config.replace(method=method, k=2, mixed_precision="bf16", grad_chunk_size=chunk)
+    trainer = trainer_for(tiny_model_dir, config)
+    for module in (trainer.pipeline.unet, trainer.pipeline.vae, trainer.pipeline.text_encoder):
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    before = {name: p.detach().clone() for name, p in trainer.named_params.items()}
+    metrics = trainer.train_step()
+    assert all(p.dtype == torch.float32 for p in trainer.named_params.values())
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    assert any(not torch.equal(before[name], p) for name, p in trainer.named_params.items())
+    assert step_floor_flops(trainer) > 0
