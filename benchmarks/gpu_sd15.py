@@ -67,15 +67,16 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(setup: dict, device: torch.device, batch: int, repeats: int, **changes: object) -> dict:
-    """Seconds per step, images per second, peak memory and fraction of the FLOP floor of one configuration."""
-    trainer = build_trainer(setup, device, batch, **changes)
+def measure(setup: dict, device: torch.device, batch: int, repeats: int, peak: float, **changes: object) -> dict:
+    """Seconds per step, images per second, peak memory and fraction of the FLOP floor (at ``peak`` FLOP/s) of one
+    configuration; the trainer is released whether or not it ran."""
+    trainer = None
     try:
-        peak, source = peak_flops(device, trainer.autocast_dtype or torch.float32)
+        trainer = build_trainer(setup, device, batch, **changes)
         floor = step_floor_flops(trainer) / peak
         profile = profile_step(trainer, repeats=repeats, count=False)
     finally:
-        del trainer
+        trainer = None
         release(device)
     print_phases(profile)
     memory = profile.peak_memory_bytes
@@ -84,7 +85,6 @@ def measure(setup: dict, device: torch.device, batch: int, repeats: int, **chang
         "images/s": f"{batch / profile.step_seconds:.2f}",
         "peak memory GiB": f"{memory / 2**30:.2f}" if memory is not None else "-",
         "fraction of FLOP floor": f"{floor / profile.step_seconds:.1%}",
-        "floor": f"FLOP floor at {peak / 1e12:.3g} TFLOP/s ({source}).",
     }
 
 
@@ -106,6 +106,7 @@ def main() -> int:
         print("error: no CUDA device; run with --smoke for the CPU check", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    peak, source = peak_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)  # the step's dtype
     rows, notes = [], []
     # Eager rows first, then compiled ones (compiling SD 1.5's UNet takes a minute or two), then the batch search;
     # each measurement starts only while the time budget lasts, so the run ends within about 8 minutes.
@@ -125,16 +126,14 @@ def main() -> int:
         changes = {"grad_chunk_size": setup["chunk"]} if search else PREFIXES[variant]
         print(f"\n[{method}, {'eager' if search else variant} prefix, batch {batch}]")
         try:
-            row = measure(setup, device, batch, 1 if search else args.repeats, **changes, **METHODS[method])
+            row = measure(setup, device, batch, 1 if search else args.repeats, peak, **changes, **METHODS[method])
         except torch.OutOfMemoryError:
-            release(device)
             if not search:
                 raise
             notes.append(f"Batch {batch} (chunk {setup['chunk']}) ran out of memory.")
             out_of_memory = True
             continue
         except Exception as err:  # a compiler failure is a result to report, not a reason to stop
-            release(device)
             if search or variant == "eager":
                 raise
             notes.append(f"{method} with the {variant} prefix failed: {type(err).__name__}: {str(err)[:300]}")
@@ -144,7 +143,7 @@ def main() -> int:
             method = f"{method}, chunk {setup['chunk']}"
         rows.append({"method": method, "prefix": "eager" if search else variant, "batch": batch, **row})
     notes.append(f"Largest batch that fitted: {largest} (tried {', '.join(map(str, setup['batches']))}).")
-    notes += [rows[0]["floor"]] if rows else []
+    notes.append(f"FLOP floor at {peak / 1e12:.3g} TFLOP/s ({source}).")
     notes.append(f"Total run time {time.perf_counter() - start:.0f} s.")
 
     today = datetime.date.today().isoformat()

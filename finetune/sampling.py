@@ -57,6 +57,12 @@ def encode_prompts(pipeline: StableDiffusionPipeline, prompts: Sequence[str], gu
     return Conditioning(cond, uncond)
 
 
+def batch_slices(total: int, size: int | None) -> list[slice]:
+    """Consecutive slices of at most ``size`` rows covering ``total`` rows (one slice when ``size`` is ``None``)."""
+    size = size or total
+    return [slice(start, start + size) for start in range(0, total, size)]
+
+
 @dataclass
 class Sampler:
     """DDIM with classifier-free guidance over a fixed ``num_inference_steps`` schedule."""
@@ -74,7 +80,7 @@ class Sampler:
     prefix_unet: Callable[..., Any] | None = None
     """The UNet the no-grad steps call, e.g. ``torch.compile(unet)``; ``None`` uses ``unet``."""
     timer: PhaseTimer = field(default_factory=PhaseTimer)
-    """Records the time of the no-grad and grad sampling phases when enabled (see ``finetune.profiling``)."""
+    """Records the time of the no-grad and grad sampling phases when enabled (see ``finetune.timing``)."""
 
     def __post_init__(self) -> None:
         self.scheduler.set_timesteps(self.num_inference_steps)
@@ -97,10 +103,9 @@ class Sampler:
     def _model_output(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         if not (self.checkpoint_unet and torch.is_grad_enabled()):
             return self.guided_noise(latents, t, conditioning)
-        size = self.chunk_size or len(latents)
         chunks = [
             checkpoint(self.guided_noise, latents[rows], t, conditioning.rows(rows), use_reentrant=False)
-            for rows in (slice(start, start + size) for start in range(0, len(latents), size))
+            for rows in batch_slices(len(latents), self.chunk_size)
         ]
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
@@ -163,8 +168,8 @@ def generate(
     noises = torch.cat([torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
     pairs = [(p, noise) for p in prompts for noise in noises]
     images = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
+    for rows in batch_slices(len(pairs), batch_size):
+        chunk = pairs[rows]
         noise = torch.stack([n for _, n in chunk]).to(device)
         with autocast():
             conditioning = encode_prompts(pipeline, [p for p, _ in chunk], sampler.guidance_scale)

@@ -24,11 +24,10 @@ def set_attention(pipeline: StableDiffusionPipeline, attention: str) -> None:
         model.set_attn_processor(processors[attention]())
 
 
-def set_channels_last(pipeline: StableDiffusionPipeline, enabled: bool = True) -> None:
+def set_channels_last(pipeline: StableDiffusionPipeline) -> None:
     """UNet and VAE convolution weights in channels-last (NHWC) layout; their outputs follow it."""
-    memory_format = torch.channels_last if enabled else torch.contiguous_format
     for model in (pipeline.unet, pipeline.vae):
-        model.to(memory_format=memory_format)
+        model.to(memory_format=torch.channels_last)
 
 
 def set_tf32(enabled: bool) -> None:

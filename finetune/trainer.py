@@ -24,7 +24,7 @@ from finetune.lora import save_lora_weights
 from finetune.methods import METHODS, BatchRandom, MethodSettings
 from finetune.pipelines import check_pipeline
 from finetune.prompts import load_prompts
-from finetune.sampling import Conditioning, Sampler, encode_prompts, generate
+from finetune.sampling import Conditioning, Sampler, batch_slices, encode_prompts, generate
 from finetune.speed import compile_prefix_unet, set_attention, set_channels_last, set_tf32
 from finetune.timing import PhaseTimer
 from finetune.tracking import MetricsLog, save_grid
@@ -262,16 +262,15 @@ class Trainer:
         if not latents.requires_grad:
             raise RuntimeError(f"the {self.config.method} sampling graph reaches no trainable parameter")
         image_prompts = [prompts[i] for i in generated.prompt_index.tolist()]
-        size = self.config.grad_chunk_size or len(latents)
         weight = weight / len(latents)
         gradients, scores, members = [], [], {}
-        for start in range(0, len(latents), size):
-            chunk = latents[start : start + size].detach().requires_grad_()
+        for rows in batch_slices(len(latents), self.config.grad_chunk_size):
+            chunk = latents[rows].detach().requires_grad_()
             with self.autocast():
                 with self.timer.phase("decode"):
                     images = self.sampler.decode(chunk)
                 with self.timer.phase("reward"):
-                    chunk_scores = self._score(images, image_prompts[start : start + size])
+                    chunk_scores = self._score(images, image_prompts[rows])
             self._check_scores(chunk_scores, len(chunk))
             with self.timer.phase("decode+reward backward"):
                 loss = -chunk_scores.float().sum() * weight
@@ -321,10 +320,9 @@ class Trainer:
         images = self.generate(prompts, seeds)
         image_prompts = [p for p in prompts for _ in seeds]
         scores = []
-        for start in range(0, len(images), self.config.batch_size):
-            chunk = images[start : start + self.config.batch_size].to(self.device)
+        for rows in batch_slices(len(images), self.config.batch_size):
             with self.autocast():
-                scores.append(self.reward(chunk, image_prompts[start : start + len(chunk)]).float().cpu())
+                scores.append(self.reward(images[rows].to(self.device), image_prompts[rows]).float().cpu())
         scores = torch.cat(scores)
         return {"eval_reward": scores.mean().item(), "eval_reward_std": scores.std().item(), "images": images}
 
