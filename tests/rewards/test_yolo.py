@@ -11,6 +11,8 @@ from ultralytics.nn.tasks import DetectionModel
 from rewards import WeightsMismatchError, get_reward
 from rewards.yolo import coco_classes, reinitialise, resolve_targets
 
+pytestmark = pytest.mark.extra
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
