@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from finetune.demo import OBJECTIVES, DemoConfig, split_prompts
+from finetune.demo import OBJECTIVES, DemoConfig
 from finetune.trainer import Trainer
+from finetune.world import split_prompts
 from finetune.world.pipeline import load_world_pipeline
 from rewards import get_reward
 

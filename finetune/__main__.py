@@ -1,20 +1,30 @@
 """Command line: ``python -m finetune train --model PATH --reward aesthetic --method draft-k ...`` and
 ``python -m finetune demo [--output-dir DIR]`` (the embedded shapes world, CPU, no download).
 
-Settings come from the dataclass defaults, then ``--config FILE`` (YAML), then the flags given on the command line.
+Settings come from the dataclass defaults, then the model's preset (``--model world``), then ``--config FILE``
+(YAML), then the flags given on the command line. Arguments are checked before anything large is imported or
+loaded; ``--help`` imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from finetune.config import ATTENTION, COMPILE_MODES, METHOD_NAMES, MIXED_PRECISION, TrainConfig
 
+WORLD_MODEL = "world"
+"""``--model world``: the embedded shapes-world pipeline shipped with the package, with its own defaults."""
+
 FLAGS: dict[str, dict[str, Any]] = {
-    "model": dict(help="hub id or local diffusers directory of an SD 1.x/2.x pipeline (required)"),
+    "model": dict(
+        help=f"hub id or local diffusers directory of an SD 1.x/2.x pipeline, or '{WORLD_MODEL}' for the embedded "
+        "shapes world (required)"
+    ),
     "reward": dict(help="reward name or weighted mix, e.g. 'aesthetic' or 'aesthetic=1,brightness=0.5'"),
     "reward_normalize": dict(action=argparse.BooleanOptionalAction, help="standardise mix members by their scale"),
     "method": dict(choices=METHOD_NAMES),
@@ -44,54 +54,125 @@ FLAGS: dict[str, dict[str, Any]] = {
     "compile_mode": dict(choices=COMPILE_MODES),
     "channels_last": dict(action=argparse.BooleanOptionalAction, help="channels-last UNet and VAE"),
     "attention": dict(choices=ATTENTION),
-    "allow_tf32": dict(action=argparse.BooleanOptionalAction, help="TF32 matmuls on CUDA (default on)"),
+    "allow_tf32": dict(action=argparse.BooleanOptionalAction, help="TF32 matmuls on CUDA"),
     "output_dir": dict(),
     "eval_every": dict(type=int),
     "checkpoint_every": dict(type=int),
     "resume": dict(action="store_true", default=None, help="continue from the last checkpoint in --output-dir"),
+    "overwrite": dict(action="store_true", default=None, help="replace an earlier run's outputs in --output-dir"),
     "device": dict(help="default: cuda if available, else cpu"),
 }
+
+
+EPILOG = f"""\
+examples:
+  python -m finetune train --model {WORLD_MODEL} --reward brightness --steps 60 --output-dir runs/world
+      (the embedded world: CPU, no download, about a minute; its preset sets resolution 32, 10 steps, guidance 3)
+  python -m finetune train --model runwayml/stable-diffusion-v1-5 --reward aesthetic --method draft-lv \\
+      --steps 2000 --output-dir runs/aesthetic
+
+Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and prints the --resume command."""
+
+
+def default_text(name: str) -> str:
+    """The dataclass default of setting ``name`` as the help shows it."""
+    value = {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
+    if value is None or value is dataclasses.MISSING:
+        return ""
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    return f" (default: {shown})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune", description="Fine-tune diffusion models on rewards.")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="fine-tune LoRA adapters on a reward")
+    train = commands.add_parser(
+        "train",
+        help="fine-tune LoRA adapters on a reward",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("--config", help="YAML file of settings; flags given here override it")
     for name, options in FLAGS.items():
-        train.add_argument("--" + name.replace("_", "-"), dest=name, **{"default": None, **options})
+        options = {"default": None, **options}
+        if options.get("action") != "store_true":
+            options["help"] = options.get("help", "") + default_text(name)
+        train.add_argument("--" + name.replace("_", "-"), dest=name, **options)
     demo = commands.add_parser("demo", help="run DRaFT, LoRA export and mixing in the embedded world (no download)")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the grids, LoRAs and report go")
-    demo.add_argument("--steps", type=int, help="training steps per LoRA (default: the demo's setting)")
+    demo.add_argument("--steps", type=int, help="training steps per LoRA (default: the demo's setting, 60)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs in --output-dir")
     return parser
 
 
 def demo(args: argparse.Namespace) -> None:
+    from finetune.tracking import check_output_dir
+
+    check_output_dir(Path(args.output_dir), resume=False, overwrite=args.overwrite, what="demo")
     from finetune.demo import DemoConfig, run_demo
 
-    config = DemoConfig(output_dir=args.output_dir, **({"steps": args.steps} if args.steps else {}))
+    settings = {"steps": args.steps} if args.steps else {}
+    config = DemoConfig(output_dir=args.output_dir, overwrite=args.overwrite, **settings)
     summary = run_demo(config)
     print(f"done in {summary['seconds']:.0f} s: see {Path(config.output_dir) / 'report.md'}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the YAML file, then the flags that were given."""
+    """Defaults, then the model's preset, then the YAML file, then the flags that were given."""
     values = TrainConfig.load(args.config).to_dict() if args.config else {}
     values.update({name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None})
+    if values.get("model") == WORLD_MODEL:
+        from finetune.world import WORLD_TRAINING
+        from finetune.world.pipeline import SHIPPED_PIPELINE
+
+        values = {**WORLD_TRAINING, **values, "model": str(SHIPPED_PIPELINE)}
     values["extra"] = {**values.get("extra", {}), "command": " ".join(sys.argv)}
     return TrainConfig.from_dict(values)
 
 
-def train(config: TrainConfig) -> None:
+def check_model_argument(model: str | None) -> None:
+    """Fail fast on a missing ``--model`` or a local path that is not a diffusers pipeline directory (hub ids are
+    checked when loading)."""
+    if not model:
+        raise ValueError(f"--model is required: a hub id, a local diffusers directory or '{WORLD_MODEL}'")
+    path = Path(model).expanduser()
+    path_like = path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
+    if path.exists() or path_like:
+        if not path.is_dir():
+            raise FileNotFoundError(f"--model {model}: no such directory (a local diffusers pipeline directory)")
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"--model {model}: the directory holds no model_index.json, so it is not a diffusers pipeline "
+                f"(save one with pipeline.save_pretrained(DIR) or download one with `hf download REPO --local-dir DIR`)"
+            )
+
+
+def check_arguments(config: TrainConfig) -> None:
+    """Everything that can be checked before a model is loaded: the model path, prompt sets, reward names, the
+    output directory (and, for --resume, its checkpoint)."""
     from finetune.checkpoint import require_checkpoint
+    from finetune.prompts import load_prompts
+    from finetune.tracking import check_output_dir
+    from rewards import parse_reward_spec
+    from rewards.registry import get_entry
+
+    check_model_argument(config.model)
+    for spec in (config.prompts, config.eval_prompts):
+        load_prompts(spec)
+    for name in parse_reward_spec(config.reward):
+        get_entry(name)
+    output_dir = Path(config.output_dir)
+    check_output_dir(output_dir, config.resume, config.overwrite)
+    if config.resume:
+        require_checkpoint(output_dir / "checkpoints")
+
+
+def train(config: TrainConfig) -> None:
+    check_arguments(config)
     from finetune.pipelines import load_pipeline
     from finetune.trainer import Trainer
     from rewards import combine
 
-    if not config.model:
-        raise ValueError("--model is required (a hub id or a local diffusers directory)")
-    if config.resume:  # fail before loading anything large
-        require_checkpoint(Path(config.output_dir) / "checkpoints")
     pipeline = load_pipeline(config.model)
     reward = combine(config.reward, normalize=config.reward_normalize)
     history = Trainer(pipeline, reward, config).train()
@@ -99,16 +180,39 @@ def train(config: TrainConfig) -> None:
         print(f"done: step {history[-1]['step']}, reward {history[-1]['reward']:.4g}; LoRA in {config.output_dir}")
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same arguments, with --resume, without --overwrite."""
+    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return shlex.join(["python", "-m", "finetune", *kept, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    try:
+        return run(args, argv)
+    except KeyboardInterrupt:  # a second Ctrl-C, wherever it lands; every file written is atomic
+        print("\nstopped at once (second interrupt); the last complete checkpoint, if any, is intact", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the parsed command; errors a user can fix and interruptions become messages and exit statuses."""
+    from finetune.interrupt import TrainingInterrupted
+
     try:
         if args.command == "demo":
             demo(args)
         else:
             train(config_from_args(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        print(f"{stop}.", file=sys.stderr)
+        if stop.checkpoint is not None:
+            print(f"resume with: {resume_command(argv)}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

@@ -95,6 +95,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False
+    """Replace an earlier run's outputs in ``output_dir`` (a non-empty directory is refused otherwise)."""
     device: str | None = None
 
     extra: dict[str, Any] = field(default_factory=dict)

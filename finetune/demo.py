@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,12 @@ from compose.files import atomic_write
 from compose.fuse import add_to_pipeline
 from finetune.checkpoint import atomic_write_text
 from finetune.config import TrainConfig
-from finetune.tracking import labelled_grid, save_grid
+from finetune.tracking import claim_output_dir, labelled_grid, save_grid
 from finetune.trainer import Trainer
+from finetune.world import WORLD_TRAINING, split_prompts
 from finetune.world.evaluate import evaluate_pipeline
 from finetune.world.pipeline import SHIPPED_PIPELINE, load_world_pipeline
 from rewards import get_reward
-from rewards.shapes.world import COLORS, MAX_COUNT, RESOLUTION, SHAPES, caption
 
 
 @dataclass
@@ -51,22 +53,24 @@ OBJECTIVES = (
 
 @dataclass
 class DemoConfig:
-    """Settings of ``python -m finetune demo``; the defaults finish in under 10 minutes on 2 CPU cores."""
+    """Settings of ``python -m finetune demo`` (the defaults take about 3 minutes on 2 CPU cores)."""
 
     output_dir: str = "outputs/demo"
     pipeline: str = str(SHIPPED_PIPELINE)
     steps: int = 60
-    batch_size: int = 8
+    batch_size: int = WORLD_TRAINING["batch_size"]
     method: str = "draft-k"
     k: int = 2
-    num_inference_steps: int = 10
-    guidance_scale: float = 3.0
-    lora_rank: int = 4
-    lr: float = 2e-4
+    num_inference_steps: int = WORLD_TRAINING["num_inference_steps"]
+    guidance_scale: float = WORLD_TRAINING["guidance_scale"]
+    lora_rank: int = WORLD_TRAINING["lora_rank"]
+    lr: float = WORLD_TRAINING["lr"]
     seed: int = 0
     eval_seeds: tuple[int, ...] = tuple(range(1000, 1008))
     mix_weights: tuple[float, ...] = (-0.5, 0.0, 0.5, 1.0, 1.5)
     mix_prompt: str = "two blue triangles"
+    overwrite: bool = False
+    """Replace the artefacts of an earlier demo in ``output_dir`` (a non-empty directory is refused otherwise)."""
 
     def train_config(self, objective: Objective) -> TrainConfig:
         return TrainConfig(
@@ -74,7 +78,7 @@ class DemoConfig:
             reward=objective.reward,
             method=self.method,
             k=self.k,
-            resolution=RESOLUTION,
+            resolution=WORLD_TRAINING["resolution"],
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
             lora_rank=self.lora_rank,
@@ -93,15 +97,16 @@ class DemoConfig:
         )
 
 
-def split_prompts() -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts): a third of the world's captions is held out of fine-tuning, chosen
-    as a Latin square so that every count, colour and kind appears in both sets (12 held out, 24 for training)."""
-    train, held_out = [], []
-    for n in range(1, MAX_COUNT + 1):
-        for c, color in enumerate(COLORS):
-            for s, shape in enumerate(SHAPES):
-                (held_out if (n + c + s) % 3 == 0 else train).append(caption(n, color, shape))
-    return train, held_out
+ARTEFACTS = (
+    *(o.name for o in OBJECTIVES),
+    *(f"grid_{label}.png" for label in ("base", *(o.name for o in OBJECTIVES), "mixed")),
+    "mixing_grid.png",
+    "reward_curve.png",
+    "metrics.jsonl",
+    "summary.json",
+    "report.md",
+)
+"""Everything a demo run writes in its output directory (what ``--overwrite`` replaces)."""
 
 
 class Demo:
@@ -113,6 +118,23 @@ class Demo:
         self.train_prompts, self.held_out = split_prompts()
         self.rewards = {o.name: get_reward(o.reward, **o.options) for o in OBJECTIVES}
         self.classifier = get_reward("shapes", objective="prompt").classifier
+        self.stage = 0
+        self.skipped: list[str] = []
+
+    def announce(self, text: str) -> None:
+        """One line per stage, so a run shows where it is before its progress bars."""
+        self.stage += 1
+        print(f"[demo {self.stage}/{len(OBJECTIVES) + 3}] {text}", flush=True)
+
+    def cosmetic(self, artefact: str, write: Callable[[], None]) -> None:
+        """Write a plot or grid; if that fails, say what is missing and how to get it, and go on: the LoRAs,
+        metrics and images already written are the run's results and stay."""
+        try:
+            write()
+        except Exception as err:  # a picture must never throw away finished work
+            hint = f"; install it with `python -m pip install {err.name}`" if isinstance(err, ImportError) else ""
+            print(f"warning: {artefact} not written ({type(err).__name__}: {err}){hint}", file=sys.stderr)
+            self.skipped.append(artefact)
 
     @torch.no_grad()
     def measure(
@@ -126,7 +148,9 @@ class Demo:
             pipeline, self.classifier, prompts, config.eval_seeds, config.num_inference_steps, config.guidance_scale
         )
         if label is not None:
-            save_grid(images, self.out / f"grid_{label}.png", len(config.eval_seeds), scale=4)
+            path = self.out / f"grid_{label}.png"
+            seeds = len(config.eval_seeds)
+            self.cosmetic(path.name, lambda: save_grid(images, path, seeds, prompts, cell=4 * images.shape[-1]))
         image_prompts = [p for p in prompts for _ in config.eval_seeds]
         scores = {name: reward(images, image_prompts).mean().item() for name, reward in self.rewards.items()}
         return {**scores, "agreement": following["agreement"]}, images
@@ -160,26 +184,41 @@ class Demo:
                 cells.append({f"weight_{names[0]}": a, f"weight_{names[1]}": b, **scores})
                 pipeline.unet.load_state_dict(original)
         labels = [[f"{name} {w:+g}" for w in config.mix_weights] for name in names]
-        grid = labelled_grid(torch.stack(first_images), len(config.mix_weights), *labels)
-        atomic_write(self.out / "mixing_grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+
+        def write_grid() -> None:
+            grid = labelled_grid(torch.stack(first_images), len(config.mix_weights), *labels, cell=96)
+            atomic_write(self.out / "mixing_grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+
+        self.cosmetic("mixing_grid.png", write_grid)
         add_to_pipeline(mix(loras, [1.0, 1.0]), pipeline)
         return {"cells": cells, "mixed_1_1": self.measure(pipeline, "mixed")[0]}
 
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
+        config = self.config
+        claim_output_dir(self.out, ARTEFACTS, resume=False, overwrite=config.overwrite, what="demo")
         self.out.mkdir(parents=True, exist_ok=True)
-        summary: dict[str, Any] = {"config": dataclasses.asdict(self.config), "held_out_prompts": self.held_out}
-        summary["base"] = self.measure(load_world_pipeline(self.config.pipeline), "base")[0]
+        summary: dict[str, Any] = {"config": dataclasses.asdict(config), "held_out_prompts": self.held_out}
+        evaluation = f"{len(self.held_out)} held-out prompts x {len(config.eval_seeds)} seeds"
+        self.announce(f"measuring the shipped world pipeline on {evaluation}")
+        summary["base"] = self.measure(load_world_pipeline(config.pipeline), "base")[0]
         curves = {}
         for objective in OBJECTIVES:
+            self.announce(
+                f"training LoRA '{objective.name}' ({objective.description}): {config.method}, {config.steps} steps"
+            )
             curves[objective.name], summary[objective.name] = self.train_lora(objective)
+        weights = ", ".join(f"{w:g}" for w in config.mix_weights)
+        self.announce(f"mixing the two LoRAs with compose at weights {{{weights}}} x {{{weights}}}")
         summary["mixing"] = self.mixing_grid()
+        self.announce(f"writing metrics, reward curve and report to {self.out}")
         lines = [json.dumps({"run": name, **row}) for name, history in curves.items() for row in history]
         atomic_write_text(self.out / "metrics.jsonl", "\n".join(lines) + "\n")
-        plot_curves(curves, self.out / "reward_curve.png")
+        self.cosmetic("reward_curve.png", lambda: plot_curves(curves, self.out / "reward_curve.png"))
+        summary["skipped"] = self.skipped
         summary["seconds"] = time.perf_counter() - start
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        atomic_write_text(self.out / "report.md", report(summary, self.config))
+        atomic_write_text(self.out / "report.md", report(summary, config))
         return summary
 
 
@@ -269,4 +308,6 @@ def report(summary: dict[str, Any], config: DemoConfig) -> str:
         "`*_kohya.safetensors`, for AUTOMATIC1111/ComfyUI/Forge), samples, metrics and configuration.",
         "",
     ]
+    if summary["skipped"]:
+        lines += [f"Not written (see the run's warnings): {', '.join(summary['skipped'])}.", ""]
     return "\n".join(lines)

@@ -49,3 +49,12 @@ def gather(values: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(values) for _ in range(world_size())]
     dist.all_gather(parts, values.contiguous())
     return torch.cat(parts)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (e.g. a stop signal seen by one process)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -117,10 +117,11 @@ def load_pipeline(model: str | os.PathLike, dtype: torch.dtype = torch.float32) 
             str(model), dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(
             f"cannot load a Stable Diffusion pipeline from {str(model)!r}: it is neither a local diffusers "
             f"directory (with model_index.json) nor a reachable, cached hub id. On a machine with access run "
-            f"`hf download {model} --local-dir DIR` and pass --model DIR. ({str(err).splitlines()[0][:200]})"
+            f"`hf download {model} --local-dir DIR` and pass --model DIR. (diffusers said: {reason})"
         ) from err
     check_pipeline(pipeline)
     return pipeline

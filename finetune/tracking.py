@@ -1,9 +1,13 @@
-"""Run outputs: ``metrics.jsonl`` (one line per step), TensorBoard scalars, and PNG image grids."""
+"""Run outputs: the output directory, ``metrics.jsonl`` (one line per step), TensorBoard scalars, and PNG image
+grids labelled with their prompts."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,35 @@ import torch
 from PIL import Image
 
 from compose.files import atomic_write
+
+
+def check_output_dir(path: Path, resume: bool, overwrite: bool, what: str = "run") -> None:
+    """Refuse a non-empty ``path`` unless ``resume`` (a training run continues there) or ``overwrite``, so that two
+    runs' files never mix. Changes nothing, so it can run before anything is loaded. ``what`` names the kind of
+    run (only a training ``"run"`` can be resumed)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the output directory and --overwrite deletes it: give one")
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if held and not (resume or overwrite):
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        resume_hint = "--resume to continue the run it holds, " if what == "run" else ""
+        raise FileExistsError(
+            f"output directory {path} is not empty ({shown}). Pass {resume_hint}--overwrite to replace the {what} "
+            f"it holds, or choose another --output-dir."
+        )
+
+
+def claim_output_dir(path: Path, artefacts: Sequence[str], resume: bool, overwrite: bool, what: str = "run") -> None:
+    """:func:`check_output_dir`, then, with ``overwrite``, delete the previous run's ``artefacts`` (names inside
+    ``path``) and nothing else the directory holds."""
+    check_output_dir(path, resume, overwrite, what)
+    if overwrite:
+        for name in artefacts:
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
 
 
 class MetricsLog:
@@ -59,29 +92,49 @@ def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
     return Image.fromarray(array)
 
 
-def save_grid(images: torch.Tensor, path: Path, columns: int, scale: int = 1) -> None:
-    """Write an image grid as PNG (atomically), enlarged ``scale`` times (nearest neighbour) for small images."""
-    grid = image_grid(images, columns)
-    if scale != 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+def save_grid(
+    images: torch.Tensor,
+    path: Path,
+    columns: int,
+    row_labels: Sequence[str] = (),
+    column_labels: Sequence[str] = (),
+    cell: int | None = None,
+) -> None:
+    """Write :func:`labelled_grid` as PNG (atomically)."""
+    grid = labelled_grid(images, columns, row_labels, column_labels, cell)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def labelled_grid(
-    images: torch.Tensor, columns: int, row_labels: list[str], column_labels: list[str], cell: int = 96
+    images: torch.Tensor,
+    columns: int,
+    row_labels: Sequence[str] = (),
+    column_labels: Sequence[str] = (),
+    cell: int | None = None,
 ) -> Image.Image:
-    """:func:`image_grid` with each image enlarged to ``cell`` pixels (nearest neighbour), a text label left of each
-    row and above each column."""
+    """:func:`image_grid` with each image scaled to ``cell`` pixels wide (nearest neighbour; default: as it is),
+    a text label (e.g. the row's prompt, wrapped) left of each row and one above each column."""
     from PIL import ImageDraw
 
+    cell = cell or images.shape[-1]
+    cell_height = cell * images.shape[-2] // images.shape[-1]
     grid = image_grid(images, columns)
-    grid = grid.resize((grid.width * cell // images.shape[-1], grid.height * cell // images.shape[-2]), Image.NEAREST)
-    margin_left, margin_top = 110, 24
+    grid = grid.resize(
+        (grid.width * cell // images.shape[-1], grid.height * cell_height // images.shape[-2]), Image.NEAREST
+    )
+    line_height, char_width = 12, 6  # PIL's default bitmap font
+    chars = max(12, min(40, max((len(label) for label in row_labels), default=0)))
+    wrapped = [textwrap.wrap(label, chars) or [""] for label in row_labels]
+    margin_left = chars * char_width + 10 if row_labels else 0
+    margin_top = line_height + 8 if column_labels else 0
     canvas = Image.new("RGB", (margin_left + grid.width, margin_top + grid.height), "white")
     canvas.paste(grid, (margin_left, margin_top))
     draw = ImageDraw.Draw(canvas)
-    for r, label in enumerate(row_labels):
-        draw.text((4, margin_top + r * cell + cell // 2 - 6), label, fill="black")
+    for r, lines in enumerate(wrapped):
+        lines = lines[: max(1, cell_height // line_height)]
+        top = margin_top + r * cell_height + (cell_height - line_height * len(lines)) // 2
+        for i, line in enumerate(lines):
+            draw.text((4, top + i * line_height), line, fill="black")
     for c, label in enumerate(column_labels):
-        draw.text((margin_left + c * cell + 4, 6), label, fill="black")
+        draw.text((margin_left + c * cell + 4, 4), label, fill="black")
     return canvas

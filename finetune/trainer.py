@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,18 +19,21 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from finetune import distributed
-from finetune.checkpoint import load_checkpoint, require_checkpoint, save_checkpoint
+from finetune.checkpoint import latest_checkpoint, load_checkpoint, require_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
-from finetune.lora import save_lora_weights
+from finetune.interrupt import StopOnSignal, TrainingInterrupted
+from finetune.lora import LORA_WEIGHTS_NAME, save_lora_weights
 from finetune.methods import METHODS, BatchRandom, MethodSettings
 from finetune.pipelines import check_pipeline
 from finetune.prompts import load_prompts
 from finetune.sampling import Conditioning, Sampler, batch_slices, encode_prompts, generate
 from finetune.speed import compile_prefix_unet, set_attention, set_channels_last, set_tf32
 from finetune.timing import PhaseTimer
-from finetune.tracking import MetricsLog, save_grid
+from finetune.tracking import MetricsLog, claim_output_dir, save_grid
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+RUN_ARTEFACTS = ("metrics.jsonl", "tensorboard", "samples", "checkpoints", "training_config.yaml", LORA_WEIGHTS_NAME)
+"""What a run writes in its output directory (what ``overwrite`` replaces)."""
 Callback = Callable[["Trainer", dict[str, Any]], None]
 
 
@@ -328,9 +332,8 @@ class Trainer:
 
     def _evaluate_and_save(self) -> dict[str, Any]:
         result = self.evaluate()
-        save_grid(
-            result["images"], self.output_dir / "samples" / f"step_{self.step:06d}.png", len(self.config.eval_seeds)
-        )
+        path = self.output_dir / "samples" / f"step_{self.step:06d}.png"
+        save_grid(result["images"], path, len(self.config.eval_seeds), self.eval_prompts)
         return {k: v for k, v in result.items() if k != "images"}
 
     # -------------------------------------------------------------------------------------- checkpointing
@@ -377,40 +380,62 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict[str, Any]]:
-        """Run to ``config.steps``; returns the metrics of every step run."""
+        """Run to ``config.steps``; returns the metrics of every step run.
+
+        A first Ctrl-C or SIGTERM ends the run after the current step with a checkpoint and raises
+        :class:`~finetune.interrupt.TrainingInterrupted` (see ``finetune.interrupt``)."""
         config = self.config
+        main = self.rank == 0
+        if main:
+            claim_output_dir(self.output_dir, RUN_ARTEFACTS, config.resume, config.overwrite)
         if config.resume:
             self.resume()
-        main = self.rank == 0
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / "training_config.yaml")
         log = MetricsLog(self.output_dir) if main else None
         history = []
-        if log is not None:
-            log.truncate(self.step)
-            if self.step == 0:
-                log.log({"step": 0, **self._evaluate_and_save()})
-        bar = tqdm(total=config.steps, initial=self.step, desc=config.method, unit="step", disable=not main)
-        try:
-            while self.step < config.steps and not self.should_stop:
-                metrics = self.train_step()
+        saved_step = self.step
+        run_name = f"{self.output_dir.name} ({config.method})"
+        bar = tqdm(total=config.steps, initial=self.step, desc=run_name, unit="step", disable=not main)
+        with StopOnSignal() as stop:
+            try:
                 if log is not None:
-                    if self.step % config.eval_every == 0 or self.step == config.steps:
-                        metrics.update(self._evaluate_and_save())
-                    log.log(metrics)
-                history.append(metrics)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward']:.4g}", s_step=f"{metrics['sec_per_step']:.2f}")
-                for callback in self.callbacks:
-                    callback(self, metrics)
-                due = self.step % config.checkpoint_every == 0 or self.step == config.steps
-                if main and due and self.consecutive_nonfinite == 0:  # keep good checkpoints through a NaN streak
-                    self.save_checkpoint()
-        finally:
-            bar.close()
-            if log is not None:
-                log.close()
+                    log.truncate(self.step)
+                    if self.step == 0:
+                        log.log({"step": 0, **self._evaluate_and_save()})
+                interrupted = False
+                while self.step < config.steps and not self.should_stop:
+                    interrupted = distributed.any_rank(stop.received is not None)  # every rank stops together
+                    if interrupted:
+                        break
+                    metrics = self.train_step()
+                    if log is not None:
+                        if self.step % config.eval_every == 0 or self.step == config.steps:
+                            metrics.update(self._evaluate_and_save())
+                        log.log(metrics)
+                    history.append(metrics)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['reward']:.4g}", s_step=f"{metrics['sec_per_step']:.2f}")
+                    for callback in self.callbacks:
+                        callback(self, metrics)
+                    due = self.step % config.checkpoint_every == 0 or self.step == config.steps
+                    if main and due and self.consecutive_nonfinite == 0:  # keep good checkpoints through NaNs
+                        self.save_checkpoint()
+                        saved_step = self.step
+                if interrupted:
+                    self._stop_on_signal(stop.received or signal.SIGTERM, saved_step)
+            finally:
+                bar.close()
+                if log is not None:
+                    log.close()
         if main:
             self.save_lora()
         return history
+
+    def _stop_on_signal(self, signum: int, saved_step: int) -> None:
+        """Checkpoint the steps run since the last checkpoint (rank 0), then raise ``TrainingInterrupted``."""
+        checkpoints = self.output_dir / "checkpoints"
+        if self.rank == 0 and self.step > saved_step and self.consecutive_nonfinite == 0:
+            self.save_checkpoint()
+        raise TrainingInterrupted(signum, self.step, latest_checkpoint(checkpoints))

@@ -8,7 +8,8 @@ from PIL import Image
 
 from compose import load_lora
 from finetune.__main__ import build_parser
-from finetune.demo import OBJECTIVES, DemoConfig, run_demo, split_prompts
+from finetune.demo import OBJECTIVES, DemoConfig, run_demo
+from finetune.world import split_prompts
 from finetune.world.pipeline import load_world_pipeline
 
 
