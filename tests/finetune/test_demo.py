@@ -2,13 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from compose import load_lora
 from finetune.__main__ import build_parser
-from finetune.demo import OBJECTIVES, DemoConfig, run_demo
+from finetune.demo import OBJECTIVES, Demo, DemoConfig, report, run_demo
 from finetune.world import split_prompts
 from finetune.world.pipeline import load_world_pipeline
 
@@ -35,7 +36,10 @@ def test_images_decode(demo):
             image.load()
             assert image.width > 32 and image.height > 32
     with Image.open(out / "grid_base.png") as image:  # 12 held-out prompts x 1 seed, 32 px enlarged 4x
-        assert image.size == (128, 12 * 128)
+        margin = image.width - 128
+        assert image.height == 12 * 128 and margin > 60, "each row is labelled with its prompt on the left"
+        labels = np.asarray(image.convert("L"))[:, :margin]
+        assert all((labels[r * 128 : (r + 1) * 128] < 128).any() for r in range(12)), "a row without its prompt"
 
 
 def test_loras_load_in_both_formats(demo):
@@ -61,6 +65,23 @@ def test_metrics_and_report(demo):
     report = (out / "report.md").read_text()
     assert "| base model |" in report and "prompt agreement" in report and "| +1.5 |" in report
     assert json.loads((out / "summary.json").read_text())["base"] == summary["base"]
+
+
+def test_a_failed_plot_keeps_the_finished_work(demo, tmp_path, capsys):
+    """A late cosmetic stage that fails (here: matplotlib missing) is reported and skipped; the run goes on."""
+    _, summary = demo
+    runner = Demo(DemoConfig(output_dir=str(tmp_path)))
+
+    def plot_without_matplotlib():
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    runner.cosmetic("reward_curve.png", plot_without_matplotlib)
+    assert runner.skipped == ["reward_curve.png"]
+    err = capsys.readouterr().err
+    assert "reward_curve.png not written" in err and "`python -m pip install matplotlib`" in err
+    config = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()})
+    text = report({**summary, "skipped": ["reward_curve.png"]}, config)
+    assert "Not written (see the run's warnings): reward_curve.png" in text
 
 
 def test_cli_parses_demo():
