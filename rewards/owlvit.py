@@ -1,9 +1,10 @@
 """OWL-ViT open-vocabulary detection as a reward: add objects (``mode="add"``) or remove them (``mode="remove"``).
 
 For a text query, each of the model's 576 box tokens (768 px input, 32 px patches) predicts a logit; its sigmoid
-is the box's detection probability. The reward aggregates them per image: a soft count (the sum of the box
-probabilities, optionally weighted by a soft threshold) or the maximum box probability. Several queries (add
-"strawberry", keep "bowl") are separate rewards composed with weights.
+is the box's detection probability. The reward aggregates them per image (``rewards.detection``): a soft count
+(the sum of the box probabilities; with a ``threshold``, a smooth count of the boxes above it, which tends to the
+count of transformers' ``post_process_object_detection`` as the temperature goes to 0) or the maximum box
+probability. Several queries (add "strawberry", keep "bowl") are separate rewards composed with weights.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class DetectionReward(DetectorReward):
         mode: str = "add",
         aggregation: str = "soft_count",
         threshold: float | None = None,
-        temperature: float = 0.05,
+        temperature: float | None = None,
     ) -> None:
         super().__init__(mode, aggregation, threshold, temperature)
         if not isinstance(query, str) or not query.strip():
@@ -82,7 +83,7 @@ def owlvit(
     mode: str = "add",
     aggregation: str = "soft_count",
     threshold: float | None = None,
-    temperature: float = 0.05,
+    temperature: float | None = None,
     tiny: bool = False,
 ) -> Reward:
     """OWL-ViT B/32 detection of a text query: soft count (or max) of boxes; mode='add' or 'remove'."""

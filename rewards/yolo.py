@@ -90,7 +90,7 @@ class YOLOReward(DetectorReward):
         mode: str = "add",
         aggregation: str = "soft_count",
         threshold: float | None = None,
-        temperature: float = 0.05,
+        temperature: float | None = None,
     ) -> None:
         super().__init__(mode, aggregation, threshold, temperature)
         self.model = model
@@ -114,7 +114,7 @@ def yolo(
     mode: str = "add",
     aggregation: str = "soft_count",
     threshold: float | None = None,
-    temperature: float = 0.05,
+    temperature: float | None = None,
 ) -> Reward:
     """Ultralytics YOLOv8 COCO-class detection (optional extra, AGPL-3.0): soft count or max; add or remove."""
     _ultralytics()
