@@ -19,7 +19,7 @@ from rewards.registry import register_reward
 from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
 from rewards.weights import MAIN, WeightsArg, WeightSource, build_model
 
-OWLVIT_SOURCE = WeightSource(repo_id="google/owlvit-base-patch32")
+OWLVIT_SOURCE = WeightSource(repo_id="google/owlvit-base-patch32", revision="8ca8ee912aa922a57e6a89144189080ebc8e852e")
 
 
 def owlvit_config(tiny: bool = False) -> OwlViTConfig:

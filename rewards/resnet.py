@@ -23,7 +23,12 @@ from rewards.weights import MAIN, WeightsArg, WeightSource, load_component
 RECIPES = {"v1": ResNet50_Weights.IMAGENET1K_V1, "v2": ResNet50_Weights.IMAGENET1K_V2}
 SOURCES = {
     # timm's tv_in1k / tv2_in1k checkpoints are torchvision's state dicts, stored as safetensors.
-    "v1": WeightSource(repo_id="timm/resnet50.tv_in1k", filename="model.safetensors"),
+    "v1": WeightSource(
+        repo_id="timm/resnet50.tv_in1k",
+        filename="model.safetensors",
+        revision="78f3ecfdb38e06d9b8397f662e7ab8fee96026fa",
+    ),
+    # Not pinned: no commit id of timm/resnet50.tv2_in1k could be confirmed without network access.
     "v2": WeightSource(repo_id="timm/resnet50.tv2_in1k", filename="model.safetensors"),
 }
 CLASS_GROUPS = {"cat": tuple(range(281, 286)), "dog": tuple(range(151, 269))}
