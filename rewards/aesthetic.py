@@ -103,13 +103,17 @@ def _build(
     return AestheticReward(clip, head)
 
 
-@register_reward("aesthetic", components=("clip", "head"))
+@register_reward(
+    "aesthetic", components=("clip", "head"), sources={"clip": CLIP_VIT_L_14_SOURCE, "head": V2_HEAD_SOURCE}
+)
 def aesthetic(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None, tiny: bool = False) -> Reward:
     """LAION improved aesthetic predictor v2: MLP head on CLIP ViT-L/14 embeddings, rating 1-10."""
     return _build("aesthetic", AestheticMLP(), V2_HEAD_SOURCE, pretrained, weights or {}, tiny)
 
 
-@register_reward("aesthetic-v1", components=("clip", "head"))
+@register_reward(
+    "aesthetic-v1", components=("clip", "head"), sources={"clip": CLIP_VIT_L_14_SOURCE, "head": V1_HEAD_SOURCE}
+)
 def aesthetic_v1(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None, tiny: bool = False) -> Reward:
     """LAION aesthetic predictor v1: linear head on CLIP ViT-L/14 embeddings, rating 1-10."""
     return _build("aesthetic-v1", nn.Linear(EMBED_DIM, 1), V1_HEAD_SOURCE, pretrained, weights or {}, tiny)

@@ -271,7 +271,7 @@ def _checkpoint_file(path: Path) -> Path:
     return path
 
 
-@register_reward(NAME, components=(MODEL, TOKENIZER))
+@register_reward(NAME, components=(MODEL, TOKENIZER), sources={MODEL: IMAGEREWARD_SOURCE, TOKENIZER: TOKENIZER_SOURCE})
 def imagereward(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None, tiny: bool = False) -> Reward:
     """ImageReward v1.0 (BLIP ViT-L/16 + cross-attending BERT, MLP head): z-scored preference; needs prompts."""
     weights = weights or {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import OwlViTConfig, OwlViTForObjectDetection
 
+from rewards import hints
 from rewards.base import Reward
 from rewards.clip import build_clip_tokenizer
 from rewards.detection import DetectorReward
@@ -47,8 +48,7 @@ class DetectionReward(DetectorReward):
         temperature: float | None = None,
     ) -> None:
         super().__init__(mode, aggregation, threshold, temperature)
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError("owlvit needs a text query, e.g. get_reward('owlvit', query='strawberry')")
+        self.check_query(query)
         self.model = model
         self.query = query
         self.input_size = model.config.vision_config.image_size
@@ -57,6 +57,13 @@ class DetectionReward(DetectorReward):
         self.register_buffer("input_ids", tokens.input_ids, persistent=False)
         self.register_buffer("attention_mask", tokens.attention_mask, persistent=False)
         self.freeze()
+
+    @staticmethod
+    def check_query(query: object) -> None:
+        """A query is a non-empty string (checked before the model is built)."""
+        if not isinstance(query, str) or not query.strip():
+            example = hints.usage("owlvit", hints.options(query="strawberry", mode="add"))
+            raise ValueError(f"owlvit needs a text query, e.g. {example}")
 
     def box_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Per-box logits [B, boxes] of the query: images resized to the model's input (aspect not kept, as the
@@ -87,8 +94,7 @@ def owlvit(
     tiny: bool = False,
 ) -> Reward:
     """OWL-ViT B/32 detection of a text query: soft count (or max) of boxes; mode='add' or 'remove'."""
-    if query is None:
-        raise ValueError("owlvit needs a text query, e.g. get_reward('owlvit', query='strawberry', mode='add')")
+    DetectionReward.check_query(query)
     model = build_model(
         OwlViTForObjectDetection,
         owlvit_config(tiny),

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models import ResNet50_Weights
 from torchvision.models import resnet50 as tv_resnet50
 
+from rewards import hints
 from rewards.base import Reward
 from rewards.registry import register_reward
 from rewards.transforms import Preprocess
@@ -104,7 +105,8 @@ def resnet50(
 ) -> Reward:
     """torchvision ResNet-50 ImageNet target-class log-probability (target=index, name, 'cat', or a list)."""
     if target is None:
-        raise ValueError("resnet50 needs a target class: e.g. target=281, target='tabby' or target='cat'")
+        examples = " or ".join(hints.options(target=t) for t in (281, "tabby", "cat"))
+        raise ValueError(f"resnet50 needs a target class, e.g. {examples}")
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}; got {recipe!r}")
     tv_weights = RECIPES[recipe]

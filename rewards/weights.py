@@ -24,13 +24,15 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 from torch import nn
+
+from rewards import hints
 
 WeightsArg = str | os.PathLike
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?$")
@@ -44,7 +46,22 @@ MAIN = "main"
 
 
 class MissingWeightsError(FileNotFoundError):
-    """Reference weights are neither cached nor reachable (offline), or a given path does not exist."""
+    """Reference weights are neither cached nor reachable (offline), or a given path does not exist.
+
+    Raised by :func:`resolve` with the failing ``component``, its ``source`` and the ``reason``, so that the
+    registry can name every file of a reward with several components (:func:`missing_weights_message`)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reward: str | None = None,
+        component: str | None = None,
+        source: WeightSource | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reward, self.component, self.source, self.reason = reward, component, source, reason
 
 
 class WeightsMismatchError(ValueError):
@@ -82,13 +99,15 @@ class WeightSource:
             return f"hub repo '{self.repo_id}'{at} ({self.files()})"
         return f"'{self.url}'"
 
-    def download_hint(self) -> str:
+    def download_hint(self, directory: str = "DIR") -> str:
+        """A shell command that downloads this source's file(s) into ``directory``."""
         revision = f" --revision {self.revision}" if self.revision else ""
         if self.repo_id and self.filename:
-            return f"hf download {self.repo_id} {self.filename}{revision} --local-dir DIR"
+            return f"hf download {self.repo_id} {self.filename}{revision} --local-dir {directory}"
         if self.repo_id:
-            return f"hf download {self.repo_id} {CONFIG_FILE} {TRANSFORMERS_WEIGHTS[0]}{revision} --local-dir DIR"
-        return f"curl -L -o 'DIR/{self.filename}' '{self.url}'"
+            files = f"{CONFIG_FILE} {TRANSFORMERS_WEIGHTS[0]}"
+            return f"hf download {self.repo_id} {files}{revision} --local-dir {directory}"
+        return f"curl -L -o '{directory}/{self.filename}' '{self.url}'"
 
     def at_hub_id(self, hub_id: str) -> WeightSource:
         """The same file(s) from ``owner/name`` or ``owner/name@revision``. Without a revision, the reference repo
@@ -115,19 +134,52 @@ def resolve(reward: str, component: str, source: WeightSource, override: Weights
     try:
         return _fetch(source)
     except Exception as err:  # offline, not cached, unreachable host, missing file on the hub
-        local = f"DIR/{source.filename}" if source.filename else "DIR"
-        arg = repr(local) if component == MAIN else f"{{{component!r}: {local!r}}}"
+        reason = _reason(err)
         raise MissingWeightsError(
-            f"cannot load the weights of reward '{reward}' (component '{component}'): {source.describe()} is "
-            f"not in the local cache and could not be downloaded ({_first_line(err)}). On a machine with "
-            f"access run `{source.download_hint()}`, copy DIR to this machine and use "
-            f"get_reward('{reward}', ..., weights={arg}); or fill the cache it is read from ({_cache_of(source)})."
+            missing_weights_message(reward, component, source, reason),
+            reward=reward,
+            component=component,
+            source=source,
+            reason=reason,
         ) from err
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
+def missing_weights_message(
+    reward: str,
+    component: str,
+    source: WeightSource,
+    reason: str,
+    sources: Mapping[str, WeightSource] | None = None,
+    given: Mapping[str, WeightsArg] | None = None,
+) -> str:
+    """Why ``component`` could not be loaded, how to download it elsewhere and how to point the reward at the
+    copy. With ``sources`` (every component of the reward) the commands and the argument name every file, keeping
+    the paths already ``given`` for other components."""
+    given = {c: str(path) for c, path in (given or {}).items() if c != component}
+    sources = {c: s for c, s in {**(sources or {}), component: source}.items() if c not in given}
+    several = len(sources) + len(given) > 1
+    directories = {c: f"{c.upper()}_DIR" if several else "DIR" for c in sources}
+    local = {c: f"{directories[c]}/{s.filename}" if s.filename else directories[c] for c, s in sources.items()}
+    local = {**given, **local}
+    commands = " and ".join(f"`{s.download_hint(directories[c])}`" for c, s in sources.items())
+    argument = hints.weights(local[MAIN] if list(local) == [MAIN] else local)
+    return (
+        f"cannot load the weights of reward '{reward}' (component '{component}'): {source.describe()} is not in "
+        f"the local cache and could not be downloaded ({reason}). On a machine with access run {commands}, copy "
+        f"{' and '.join(directories.values())} to this machine and use {hints.usage(reward, '...', argument)}; "
+        f"or fill the cache it is read from ({_cache_of(source)})."
+    )
+
+
+def _reason(err: Exception, limit: int = 300) -> str:
+    """The error's type and first line, shortened at a word boundary if it is very long."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    text = lines[0]
+    if len(text) > limit:
+        text = text[: text.rfind(" ", 0, limit)] + " ..."
+    return f"{type(err).__name__}: {text}"
 
 
 def _cache_of(source: WeightSource) -> str:
@@ -170,7 +222,7 @@ def _fetch_hub(source: WeightSource) -> Path:
             for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
                 get(shard)
         return snapshot
-    raise FileNotFoundError(f"none of {', '.join(TRANSFORMERS_WEIGHTS)} is available ({_first_line(errors[0])})")
+    raise FileNotFoundError(f"none of {', '.join(TRANSFORMERS_WEIGHTS)} is available ({_reason(errors[0])})")
 
 
 def _fetch_url(source: WeightSource) -> Path:
@@ -309,7 +361,7 @@ def needs_weights(reward: str, pretrained: bool, override: WeightsArg | None, ti
     """Whether a component loads weights (``pretrained`` or given explicitly) rather than keeping its random
     initialisation; tiny test variants have no published weights, so asking for them is an error."""
     if tiny and pretrained and override is None:
-        raise ValueError(f"reward '{reward}': tiny=True has no pretrained weights; use pretrained=False")
+        raise ValueError(f"reward '{reward}': tiny=True has no pretrained weights; use {hints.random_weights()}")
     return pretrained or override is not None
 
 
