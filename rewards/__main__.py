@@ -10,6 +10,9 @@
 onnxruntime (the ``[onnx]`` extra): an ONNX graph has a fixed image size, so the reward is exported once per image
 size met, into a temporary folder; with ``--onnx-file`` one graph is used, read from FILE if it exists, else
 exported there for the size of the first images.
+
+``--help`` and argument errors import nothing heavy (no torch): arguments are checked first, and hints in error
+messages are spelled as this tool's flags (``rewards.hints``).
 """
 
 from __future__ import annotations

@@ -135,6 +135,8 @@ def resolve(reward: str, component: str, source: WeightSource, override: Weights
         return _fetch(source)
     except Exception as err:  # offline, not cached, unreachable host, missing file on the hub
         reason = _reason(err)
+        if override is not None:
+            reason += f"; nor is there a local file or folder {str(override)!r}"
         raise MissingWeightsError(
             missing_weights_message(reward, component, source, reason),
             reward=reward,

@@ -99,7 +99,8 @@ def test_resolve_prefers_existing_paths_then_hub_ids(tmp_path):
     source = WeightSource(repo_id="owner/model", filename="w.pth")
     (tmp_path / "w.pth").write_bytes(b"")
     assert resolve("r", "main", source, tmp_path / "w.pth") == tmp_path / "w.pth"
-    with pytest.raises(MissingWeightsError, match=r"file 'w\.pth' of hub repo 'someone/other'.*not in the local cache"):
+    expected = r"file 'w\.pth' of hub repo 'someone/other'.*not in the local cache.*nor is there a local file or folder"
+    with pytest.raises(MissingWeightsError, match=expected):
         resolve("r", "main", source, "someone/other")
     with pytest.raises(MissingWeightsError, match=r"neither an existing file or directory nor a hub id"):
         resolve("r", "main", source, tmp_path / "missing" / "w.pth")
