@@ -10,6 +10,9 @@
 onnxruntime (the ``[onnx]`` extra): an ONNX graph has a fixed image size, so the reward is exported once per image
 size met, into a temporary folder; with ``--onnx-file`` one graph is used, read from FILE if it exists, else
 exported there for the size of the first images.
+
+``--help`` and argument errors import nothing heavy (no torch): arguments are checked first, and hints in error
+messages are spelled as this tool's flags (``rewards.hints``).
 """
 
 from __future__ import annotations
@@ -21,15 +24,15 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import yaml
+from rewards import hints
 
-from rewards.base import Reward
-from rewards.combine import combine, parse_reward_spec
-from rewards.onnx import OnnxReward, export_onnx
-from rewards.registry import get_entry, get_reward, list_rewards
+if TYPE_CHECKING:  # heavy: imported where needed, after the arguments are checked
+    import torch
+
+    from rewards.base import Reward
+    from rewards.onnx import OnnxReward
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -48,6 +51,8 @@ def image_files(paths: list[str]) -> list[Path]:
 
 def load_image(path: Path) -> torch.Tensor:
     """An image file as a float [3, H, W] tensor in [0, 1] (RGB; alpha dropped)."""
+    import numpy as np
+    import torch
     from PIL import Image
 
     with Image.open(path) as image:
@@ -55,24 +60,53 @@ def load_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def build_reward(args: argparse.Namespace) -> Reward:
+def parse_options(items: list[str]) -> dict[str, object]:
+    """``--option KEY=VALUE`` (repeatable); values are read as YAML scalars (``281``, ``true``, ``cat``)."""
+    import yaml
+
     options = {}
-    for item in args.option:
+    for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--option {item!r}: expected KEY=VALUE")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE, e.g. --option target=cat")
         options[key] = yaml.safe_load(value)
-    named = dict(item.split("=", 1) for item in args.weights if "=" in item)
-    plain = [item for item in args.weights if "=" not in item]
+    return options
+
+
+def parse_weights(items: list[str]) -> str | dict[str, str] | None:
+    """``--weights PATH`` for a single-component reward, or ``--weights COMPONENT=PATH[,COMPONENT=PATH...]``
+    (repeatable) naming the components to override."""
+    named: dict[str, str] = {}
+    plain = []
+    for item in items:
+        if "=" not in item:
+            plain.append(item)
+            continue
+        for part in item.split(","):
+            component, sep, path = part.partition("=")
+            if not sep or not component or not path:
+                raise ValueError(f"--weights {item!r}: expected COMPONENT=PATH[,COMPONENT=PATH...], e.g. clip=DIR")
+            named[component] = path
     if (named and plain) or len(plain) > 1:
         raise ValueError("--weights: give one PATH, or COMPONENT=PATH for each component to override")
-    weights = plain[0] if plain else named or None
+    return plain[0] if plain else named or None
+
+
+def check_reward_arguments(args: argparse.Namespace) -> None:
+    """Check the syntax of the reward arguments before anything heavy is imported."""
+    args.options, args.weight_paths = parse_options(args.option), parse_weights(args.weights)
+
+
+def build_reward(args: argparse.Namespace) -> Reward:
+    from rewards.combine import combine, parse_reward_spec
+    from rewards.registry import get_reward
+
     pretrained = not args.random_weights
     names = parse_reward_spec(args.reward)
     if len(names) == 1 and next(iter(names.values())) == 1.0:
         name = next(iter(names))
-        return get_reward(name, pretrained, weights=weights, device=args.device, **options)
-    if weights is not None or options:
+        return get_reward(name, pretrained, weights=args.weight_paths, device=args.device, **args.options)
+    if args.weight_paths is not None or args.options:
         raise ValueError("--weights and --option apply to a single reward; build mixes with options in Python")
     return combine(names, pretrained=pretrained, device=args.device)
 
@@ -83,6 +117,9 @@ class OnnxScorer:
     it does not exist). A prompt reward's graph turns the prompts into its prompt inputs itself."""
 
     def __init__(self, args: argparse.Namespace, directory: Path) -> None:
+        from rewards.combine import parse_reward_spec
+        from rewards.onnx import OnnxReward
+
         self.args, self.directory = args, directory
         self.file = Path(args.onnx_file) if args.onnx_file else None
         self.device = "cuda" if args.device and args.device.startswith("cuda") else "cpu"
@@ -96,6 +133,8 @@ class OnnxScorer:
             self.graphs[graph.image_size] = graph
 
     def __call__(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        from rewards.onnx import OnnxReward, export_onnx
+
         size = tuple(images.shape[-2:])
         if size not in self.graphs:
             if self.file is not None and self.graphs:
@@ -137,7 +176,10 @@ def score_files(
     reward: Reward | OnnxScorer, files: list[Path], prompts: list[str] | None, batch_size: int
 ) -> tuple[list, list]:
     """``(rows, errors)``: one row per readable file, in input order, with the score and member scores."""
+    import torch
     from tqdm.auto import tqdm
+
+    from rewards.base import Reward
 
     parameters = reward.parameters() if isinstance(reward, Reward) else iter(())
     device = next((t.device for t in parameters), torch.device("cpu"))
@@ -173,19 +215,33 @@ def write_rows(rows: list[dict], format: str) -> None:
         print("  ".join([f"{row['path']:<{width}}", *(f"{row[c]:>12.5g}" for c in columns[1:])]))
 
 
-def score(args: argparse.Namespace) -> int:
+def check_score(args: argparse.Namespace) -> None:
+    """Check ``score``'s arguments and find its files and prompts, before anything heavy is imported."""
     if args.onnx_file and args.backend != "onnx":
         raise ValueError("--onnx-file goes with --backend onnx")
-    files = image_files(args.paths)
-    if not files:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}")
+    check_reward_arguments(args)
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        raise ValueError(f"no such file or folder: {', '.join(missing)}")
+    args.files = image_files(args.paths)
+    if not args.files:
         raise ValueError(f"no image files found in {', '.join(args.paths)}")
-    prompts = None
+    args.prompts = None
     if args.prompt is not None:
-        prompts = [args.prompt] * len(files)
+        args.prompts = [args.prompt] * len(args.files)
     elif args.prompts_file:
-        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-        if len(prompts) != len(files):
-            raise ValueError(f"{args.prompts_file} has {len(prompts)} prompts for {len(files)} image files")
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"--prompts-file {args.prompts_file}: no such file")
+        args.prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if len(args.prompts) != len(args.files):
+            raise ValueError(f"{args.prompts_file} has {len(args.prompts)} prompts for {len(args.files)} image files")
+
+
+def score(args: argparse.Namespace) -> int:
+    files, prompts = args.files, args.prompts
     if args.backend == "onnx":
         with tempfile.TemporaryDirectory(prefix="rewards-onnx-") as directory:
             rows, errors = score_files(OnnxScorer(args, Path(directory)), files, prompts, args.batch_size)
@@ -197,9 +253,19 @@ def score(args: argparse.Namespace) -> int:
     return 0 if rows else 2
 
 
+def check_export(args: argparse.Namespace) -> None:
+    """Check ``export``'s arguments before anything heavy is imported."""
+    check_reward_arguments(args)
+    args.size = parse_size(args.image_size) if args.image_size else None
+    if Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder; give the .onnx file to write")
+
+
 def export(args: argparse.Namespace) -> int:
+    from rewards.onnx import OnnxReward, export_onnx
+
     reward = build_reward(args)
-    path = export_onnx(reward, args.output, parse_size(args.image_size) if args.image_size else None)
+    path = export_onnx(reward, args.output, args.size)
     height, width = OnnxReward(path).image_size
     print(f"exported reward '{reward.name}' for {height}x{width} images (any batch) to {path}")
     return 0
@@ -209,25 +275,59 @@ def parse_size(text: str) -> tuple[int, int]:
     """``"224"`` or ``"512x384"`` (height x width) as ``(height, width)``."""
     try:
         height, _, width = text.lower().partition("x")
-        return int(height), int(width or height)
+        size = int(height), int(width or height)
     except ValueError:
-        raise ValueError(f"--image-size {text!r}: expected a side (224) or HEIGHTxWIDTH (512x384)") from None
+        size = (0, 0)
+    if min(size) < 1:
+        raise ValueError(f"--image-size {text!r}: expected a side (224) or HEIGHTxWIDTH (512x384)")
+    return size
+
+
+def list_zoo(pattern: str | None) -> int:
+    from rewards.registry import get_entry, list_rewards
+
+    names = list_rewards(pattern)
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {get_entry(name).description}")
+    return 0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one worth showing (not for flags, lists or unset values)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, []):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_reward_arguments(parser: argparse.ArgumentParser) -> None:
     """The options :func:`build_reward` reads, besides the reward itself."""
-    parser.add_argument("--weights", action="append", default=[], help="PATH, hub id, or COMPONENT=PATH")
-    parser.add_argument("--option", action="append", default=[], help="reward option KEY=VALUE, e.g. target=cat")
-    parser.add_argument("--random-weights", action="store_true", help="random weights (pretrained=False)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="PATH | COMPONENT=PATH[,...]",
+        help="local weights or a hub id (owner/name[@revision]): one PATH for a single-component reward, "
+        "COMPONENT=PATH for the parts of another (e.g. clip=DIR,head=FILE for aesthetic); the error message of "
+        "a missing download names every file",
+    )
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="a reward option, e.g. target=cat"
+    )
+    parser.add_argument("--random-weights", action="store_true", help="random weights (no download), for tests")
+    parser.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rewards", description="The differentiable reward zoo.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rewards", description="The differentiable reward zoo.", formatter_class=HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    list_cmd = commands.add_parser("list", help="list the registered rewards")
+    list_cmd = commands.add_parser("list", help="list the registered rewards", formatter_class=HelpFormatter)
     list_cmd.add_argument("pattern", nargs="?", default=None, help="glob filter, e.g. 'aesthetic*'")
-    score_cmd = commands.add_parser("score", help="score image files or folders")
+    score_cmd = commands.add_parser("score", help="score image files or folders", formatter_class=HelpFormatter)
     score_cmd.add_argument("paths", nargs="+", help="image files or folders")
     score_cmd.add_argument(
         "--reward", required=True, help="a reward name or a mix such as 'aesthetic=0.7,contrast=0.3'"
@@ -236,27 +336,33 @@ def main(argv: list[str] | None = None) -> int:
     given.add_argument("--prompt", help="one prompt for every image")
     given.add_argument("--prompts-file", help="one prompt per line, in the order of the files")
     add_reward_arguments(score_cmd)
-    score_cmd.add_argument("--batch-size", type=int, default=8)
-    score_cmd.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    score_cmd.add_argument("--batch-size", type=int, default=8, help="images scored at once")
+    score_cmd.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
     score_cmd.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="onnx: onnxruntime")
     score_cmd.add_argument(
         "--onnx-file", help="with --backend onnx: the graph to use as it is, or to export there if it does not exist"
     )
-    export_cmd = commands.add_parser("export", help="export a reward's scoring graph to ONNX")
+    export_cmd = commands.add_parser(
+        "export", help="export a reward's scoring graph to ONNX", formatter_class=HelpFormatter
+    )
     export_cmd.add_argument("reward", metavar="NAME", help="a reward name or a mix")
     export_cmd.add_argument("--output", required=True, help="the .onnx file to write (replaced if it exists)")
     export_cmd.add_argument("--image-size", help="SIDE or HEIGHTxWIDTH (default: the reward's input size, or 512)")
     add_reward_arguments(export_cmd)
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "list":
-        names = list_rewards(args.pattern)
-        width = max((len(n) for n in names), default=0)
-        for name in names:
-            print(f"{name:<{width}}  {get_entry(name).description}")
-        return 0
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        return export(args) if args.command == "export" else score(args)
+        if args.command == "score":
+            check_score(args)
+        elif args.command == "export":
+            check_export(args)
+        with hints.command_line():  # hints in error messages name this tool's flags
+            if args.command == "list":
+                return list_zoo(args.pattern)
+            return export(args) if args.command == "export" else score(args)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,14 +20,16 @@ EMBED_DIM = 768
 """Width of the projected CLIP ViT-L/14 image embedding that both heads read."""
 
 V2_HEAD_SOURCE = WeightSource(
-    url="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth",
+    url="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/6934dd81792f086e613a121dbce43082cb8be85e/sac%2Blogos%2Bava1-l14-linearMSE.pth",
     filename="sac+logos+ava1-l14-linearMSE.pth",
     sha256="21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0",
+    size=3_714_759,
 )
 V1_HEAD_SOURCE = WeightSource(
-    url="https://github.com/LAION-AI/aesthetic-predictor/raw/main/sa_0_4_vit_l_14_linear.pth",
+    url="https://github.com/LAION-AI/aesthetic-predictor/raw/6d122adad522ab246644d9dc1c6d7a3810ee255f/sa_0_4_vit_l_14_linear.pth",
     filename="sa_0_4_vit_l_14_linear.pth",
     sha256="2cd4e60f4f24ae3bcd57b847b13c1f3ba27edc28cc1a7f9ce74ee9f421243cba",
+    size=4_071,
 )
 
 
@@ -101,13 +103,17 @@ def _build(
     return AestheticReward(clip, head)
 
 
-@register_reward("aesthetic", components=("clip", "head"))
+@register_reward(
+    "aesthetic", components=("clip", "head"), sources={"clip": CLIP_VIT_L_14_SOURCE, "head": V2_HEAD_SOURCE}
+)
 def aesthetic(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None, tiny: bool = False) -> Reward:
     """LAION improved aesthetic predictor v2: MLP head on CLIP ViT-L/14 embeddings, rating 1-10."""
     return _build("aesthetic", AestheticMLP(), V2_HEAD_SOURCE, pretrained, weights or {}, tiny)
 
 
-@register_reward("aesthetic-v1", components=("clip", "head"))
+@register_reward(
+    "aesthetic-v1", components=("clip", "head"), sources={"clip": CLIP_VIT_L_14_SOURCE, "head": V1_HEAD_SOURCE}
+)
 def aesthetic_v1(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None, tiny: bool = False) -> Reward:
     """LAION aesthetic predictor v1: linear head on CLIP ViT-L/14 embeddings, rating 1-10."""
     return _build("aesthetic-v1", nn.Linear(EMBED_DIM, 1), V1_HEAD_SOURCE, pretrained, weights or {}, tiny)

@@ -24,7 +24,9 @@ CLIP_VIT_L_14 = dict(
 )
 """OpenAI CLIP ViT-L/14 image tower (``openai/clip-vit-large-patch14``)."""
 
-CLIP_VIT_L_14_SOURCE = WeightSource(repo_id="openai/clip-vit-large-patch14")
+CLIP_VIT_L_14_SOURCE = WeightSource(
+    repo_id="openai/clip-vit-large-patch14", revision="32bd64288804d66eefd0ccbe215aa642df71cc41"
+)
 
 TEXT_TOWER_KEYS = ("text_model.*", "text_projection.weight", "logit_scale", "*.position_ids")
 """Keys of a full CLIPModel checkpoint that the image tower does not use (plus legacy position-id buffers)."""

@@ -12,12 +12,22 @@ from rewards.base import Reward
 
 AGGREGATIONS = ("soft_count", "max")
 MODES = ("add", "remove")
+RELATIVE_TEMPERATURE = 0.1
+"""Default temperature as a fraction of the threshold's distance to the nearer end of the score scale [0, 1]: a
+box scored 0 (or 1) is then gated to within sigmoid(-10) = 4.5e-5 of 0 (or 1)."""
+
+
+def default_temperature(threshold: float) -> float:
+    """The gate's temperature when none is given: :data:`RELATIVE_TEMPERATURE` x min(threshold, 1 - threshold)."""
+    return RELATIVE_TEMPERATURE * min(threshold, 1.0 - threshold)
 
 
 class DetectorReward(Reward):
-    """``soft_count``: the sum of the box probabilities, each weighted by ``sigmoid((p - threshold) /
-    temperature)`` when a threshold is given (a differentiable "count boxes above the threshold"); ``max``: the
-    best box. ``mode="remove"`` negates the value, so maximising the reward removes the object.
+    """``soft_count``: without a threshold, the sum of the box probabilities (the expected number of detections if
+    boxes are independent); with one, the sum of ``sigmoid((p - threshold) / temperature)`` over the boxes, a
+    differentiable count of the boxes whose score exceeds the threshold (what ``post_process_object_detection``
+    keeps), which it approaches as the temperature goes to 0. ``max``: the best box. ``mode="remove"`` negates the
+    value, so maximising the reward removes the object.
 
     Nominal scale (stated in the model cards): soft counts 0-5 (mean 1, std 1), max probabilities 0-1 (mean 0.3,
     std 0.2), negated for removal.
@@ -28,13 +38,25 @@ class DetectorReward(Reward):
         mode: str = "add",
         aggregation: str = "soft_count",
         threshold: float | None = None,
-        temperature: float = 0.05,
+        temperature: float | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {aggregation!r}")
+        if threshold is not None:
+            if aggregation != "soft_count":
+                raise ValueError("threshold applies to aggregation='soft_count' (it counts boxes above it)")
+            if not 0.0 < threshold < 1.0:
+                raise ValueError(f"threshold is a box probability strictly between 0 and 1; got {threshold}")
+        if temperature is not None:
+            if threshold is None:
+                raise ValueError("temperature sets the width of the threshold's gate: give it with a threshold")
+            if not temperature > 0:
+                raise ValueError(f"temperature must be positive; got {temperature}")
+        if threshold is not None and temperature is None:
+            temperature = default_temperature(threshold)
         self.mode, self.aggregation, self.threshold, self.temperature = mode, aggregation, threshold, temperature
         (low, high), (mean, std) = ((0.0, 5.0), (1.0, 1.0)) if aggregation == "soft_count" else ((0.0, 1.0), (0.3, 0.2))
         self.typical_range = (low, high) if mode == "add" else (-high, -low)
@@ -48,8 +70,8 @@ class DetectorReward(Reward):
         probabilities = self.box_probabilities(images).float()
         if self.aggregation == "max":
             value = probabilities.amax(dim=1)
-        else:
-            if self.threshold is not None:
-                probabilities = probabilities * torch.sigmoid((probabilities - self.threshold) / self.temperature)
+        elif self.threshold is None:
             value = probabilities.sum(dim=1)
+        else:
+            value = torch.sigmoid((probabilities - self.threshold) / self.temperature).sum(dim=1)
         return value if self.mode == "add" else -value

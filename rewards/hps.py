@@ -24,10 +24,10 @@ from rewards.weights import (
     resolve,
 )
 
-HPS_REPO = "xswu/HPSv2"
+HPS_REPO, HPS_REVISION = "xswu/HPSv2", "697403c78157020a1ae59d23f111aa58ced35b0a"
 SOURCES = {
-    "hpsv2": WeightSource(repo_id=HPS_REPO, filename="HPS_v2_compressed.pt"),
-    "hpsv2.1": WeightSource(repo_id=HPS_REPO, filename="HPS_v2.1_compressed.pt"),
+    "hpsv2": WeightSource(repo_id=HPS_REPO, filename="HPS_v2_compressed.pt", revision=HPS_REVISION),
+    "hpsv2.1": WeightSource(repo_id=HPS_REPO, filename="HPS_v2.1_compressed.pt", revision=HPS_REVISION),
 }
 VIT_H_14 = dict(
     embed_dim=1024,

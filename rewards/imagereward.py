@@ -43,8 +43,12 @@ from rewards.weights import (
 
 NAME = "imagereward"
 MODEL, TOKENIZER = "model", "tokenizer"
+# Not pinned: no commit id of THUDM/ImageReward could be confirmed without network access; weights=
+# "THUDM/ImageReward@REVISION" pins one.
 IMAGEREWARD_SOURCE = WeightSource(repo_id="THUDM/ImageReward", filename="ImageReward.pt")
-TOKENIZER_SOURCE = WeightSource(repo_id="bert-base-uncased", filename="vocab.txt")
+TOKENIZER_SOURCE = WeightSource(
+    repo_id="bert-base-uncased", filename="vocab.txt", revision="86b5e0934494bd15c9632b12f734a8a67f723594"
+)
 """The reference calls ``BertTokenizer.from_pretrained('bert-base-uncased')``; only its ``vocab.txt`` is needed
 (lower-casing, accent stripping and Chinese-character splitting are BertTokenizer's defaults, as in that repo)."""
 
@@ -267,7 +271,7 @@ def _checkpoint_file(path: Path) -> Path:
     return path
 
 
-@register_reward(NAME, components=(MODEL, TOKENIZER))
+@register_reward(NAME, components=(MODEL, TOKENIZER), sources={MODEL: IMAGEREWARD_SOURCE, TOKENIZER: TOKENIZER_SOURCE})
 def imagereward(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None, tiny: bool = False) -> Reward:
     """ImageReward v1.0 (BLIP ViT-L/16 + cross-attending BERT, MLP head): z-scored preference; needs prompts."""
     weights = weights or {}

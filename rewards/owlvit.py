@@ -1,9 +1,10 @@
 """OWL-ViT open-vocabulary detection as a reward: add objects (``mode="add"``) or remove them (``mode="remove"``).
 
 For a text query, each of the model's 576 box tokens (768 px input, 32 px patches) predicts a logit; its sigmoid
-is the box's detection probability. The reward aggregates them per image: a soft count (the sum of the box
-probabilities, optionally weighted by a soft threshold) or the maximum box probability. Several queries (add
-"strawberry", keep "bowl") are separate rewards composed with weights.
+is the box's detection probability. The reward aggregates them per image (``rewards.detection``): a soft count
+(the sum of the box probabilities; with a ``threshold``, a smooth count of the boxes above it, which tends to the
+count of transformers' ``post_process_object_detection`` as the temperature goes to 0) or the maximum box
+probability. Several queries (add "strawberry", keep "bowl") are separate rewards composed with weights.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import OwlViTConfig, OwlViTForObjectDetection
 
+from rewards import hints
 from rewards.base import Reward
 from rewards.clip import build_clip_tokenizer
 from rewards.detection import DetectorReward
@@ -18,7 +20,7 @@ from rewards.registry import register_reward
 from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
 from rewards.weights import MAIN, WeightsArg, WeightSource, build_model
 
-OWLVIT_SOURCE = WeightSource(repo_id="google/owlvit-base-patch32")
+OWLVIT_SOURCE = WeightSource(repo_id="google/owlvit-base-patch32", revision="8ca8ee912aa922a57e6a89144189080ebc8e852e")
 
 
 def owlvit_config(tiny: bool = False) -> OwlViTConfig:
@@ -43,11 +45,10 @@ class DetectionReward(DetectorReward):
         mode: str = "add",
         aggregation: str = "soft_count",
         threshold: float | None = None,
-        temperature: float = 0.05,
+        temperature: float | None = None,
     ) -> None:
         super().__init__(mode, aggregation, threshold, temperature)
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError("owlvit needs a text query, e.g. get_reward('owlvit', query='strawberry')")
+        self.check_query(query)
         self.model = model
         self.query = query
         self.input_size = model.config.vision_config.image_size
@@ -56,6 +57,13 @@ class DetectionReward(DetectorReward):
         self.register_buffer("input_ids", tokens.input_ids, persistent=False)
         self.register_buffer("attention_mask", tokens.attention_mask, persistent=False)
         self.freeze()
+
+    @staticmethod
+    def check_query(query: object) -> None:
+        """A query is a non-empty string (checked before the model is built)."""
+        if not isinstance(query, str) or not query.strip():
+            example = hints.usage("owlvit", hints.options(query="strawberry", mode="add"))
+            raise ValueError(f"owlvit needs a text query, e.g. {example}")
 
     def box_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Per-box logits [B, boxes] of the query: images resized to the model's input (aspect not kept, as the
@@ -82,12 +90,11 @@ def owlvit(
     mode: str = "add",
     aggregation: str = "soft_count",
     threshold: float | None = None,
-    temperature: float = 0.05,
+    temperature: float | None = None,
     tiny: bool = False,
 ) -> Reward:
     """OWL-ViT B/32 detection of a text query: soft count (or max) of boxes; mode='add' or 'remove'."""
-    if query is None:
-        raise ValueError("owlvit needs a text query, e.g. get_reward('owlvit', query='strawberry', mode='add')")
+    DetectionReward.check_query(query)
     model = build_model(
         OwlViTForObjectDetection,
         owlvit_config(tiny),

@@ -16,7 +16,9 @@ from rewards.text import TokenizerPrompts
 from rewards.transforms import CLIP_224
 from rewards.weights import MAIN, WeightsArg, WeightSource, build_model
 
-PICKSCORE_SOURCE = WeightSource(repo_id="yuvalkirstain/PickScore_v1")
+PICKSCORE_SOURCE = WeightSource(
+    repo_id="yuvalkirstain/PickScore_v1", revision="a4e4367c6dfa7288a00c550414478f865b875800"
+)
 VISION_VIT_H_14 = dict(
     hidden_size=1280,
     intermediate_size=5120,

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models import ResNet50_Weights
 from torchvision.models import resnet50 as tv_resnet50
 
+from rewards import hints
 from rewards.base import Reward
 from rewards.registry import register_reward
 from rewards.transforms import Preprocess
@@ -23,7 +24,12 @@ from rewards.weights import MAIN, WeightsArg, WeightSource, load_component
 RECIPES = {"v1": ResNet50_Weights.IMAGENET1K_V1, "v2": ResNet50_Weights.IMAGENET1K_V2}
 SOURCES = {
     # timm's tv_in1k / tv2_in1k checkpoints are torchvision's state dicts, stored as safetensors.
-    "v1": WeightSource(repo_id="timm/resnet50.tv_in1k", filename="model.safetensors"),
+    "v1": WeightSource(
+        repo_id="timm/resnet50.tv_in1k",
+        filename="model.safetensors",
+        revision="78f3ecfdb38e06d9b8397f662e7ab8fee96026fa",
+    ),
+    # Not pinned: no commit id of timm/resnet50.tv2_in1k could be confirmed without network access.
     "v2": WeightSource(repo_id="timm/resnet50.tv2_in1k", filename="model.safetensors"),
 }
 CLASS_GROUPS = {"cat": tuple(range(281, 286)), "dog": tuple(range(151, 269))}
@@ -99,7 +105,8 @@ def resnet50(
 ) -> Reward:
     """torchvision ResNet-50 ImageNet target-class log-probability (target=index, name, 'cat', or a list)."""
     if target is None:
-        raise ValueError("resnet50 needs a target class: e.g. target=281, target='tabby' or target='cat'")
+        examples = " or ".join(hints.options(target=t) for t in (281, "tabby", "cat"))
+        raise ValueError(f"resnet50 needs a target class, e.g. {examples}")
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}; got {recipe!r}")
     tv_weights = RECIPES[recipe]

@@ -98,23 +98,26 @@ class TokenizerPrompts(PromptProcessor):
 
 
 class PromptCache:
-    """Maps (prompt, device, dtype) to the rows that ``encode(prompts, device)`` computes once, without autograd,
-    for each named tensor."""
+    """Maps (prompt, device, dtype, autocast dtype) to the rows that ``encode(prompts, device)`` computes once,
+    without autograd, for each named tensor. The autocast state is part of the key: rows encoded under bf16
+    autocast are never reused in float32 or fp16 scoring."""
 
     def __init__(self, encode: Callable[[list[str], torch.device], dict[str, torch.Tensor]]) -> None:
         self.encode = encode
-        self._store: dict[tuple[str, torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
+        self._store: dict[tuple[str, torch.device, torch.dtype, torch.dtype | None], dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self._store)
 
     def __call__(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The named tensors ``[len(prompts), ...]`` on ``device``, encoding only the prompts not seen before."""
-        missing = [p for p in dict.fromkeys(prompts) if (p, device, dtype) not in self._store]
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        keys = {p: (p, device, dtype, autocast) for p in prompts}
+        missing = [p for p in keys if keys[p] not in self._store]
         if missing:
             with torch.no_grad():
                 encoded = self.encode(missing, device)
             for i, prompt in enumerate(missing):
-                self._store[(prompt, device, dtype)] = {name: t[i] for name, t in encoded.items()}
-        rows = [self._store[(p, device, dtype)] for p in prompts]
+                self._store[keys[prompt]] = {name: t[i] for name, t in encoded.items()}
+        rows = [self._store[keys[p]] for p in prompts]
         return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}

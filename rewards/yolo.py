@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from rewards import hints
 from rewards.base import Reward
 from rewards.detection import DetectorReward
 from rewards.registry import register_reward
@@ -90,7 +91,7 @@ class YOLOReward(DetectorReward):
         mode: str = "add",
         aggregation: str = "soft_count",
         threshold: float | None = None,
-        temperature: float = 0.05,
+        temperature: float | None = None,
     ) -> None:
         super().__init__(mode, aggregation, threshold, temperature)
         self.model = model
@@ -114,7 +115,7 @@ def yolo(
     mode: str = "add",
     aggregation: str = "soft_count",
     threshold: float | None = None,
-    temperature: float = 0.05,
+    temperature: float | None = None,
 ) -> Reward:
     """Ultralytics YOLOv8 COCO-class detection (optional extra, AGPL-3.0): soft count or max; add or remove."""
     _ultralytics()
@@ -128,7 +129,7 @@ def yolo(
             f"Ultralytics publishes {variant}.pt as a pickled Python object, which this library does not unpickle. "
             f'Convert a trusted copy once: python -c "from ultralytics import YOLO; from safetensors.torch import '
             f"save_file; save_file(YOLO('{variant}.pt').model.float().state_dict(), '{variant}.safetensors')\", "
-            f"then use get_reward('yolo', weights='{variant}.safetensors')."
+            f"then use {hints.usage('yolo', hints.weights(f'{variant}.safetensors'))}."
         )
     model = DetectionModel(f"{variant}.yaml", nc=80, verbose=False)
     if override is None:

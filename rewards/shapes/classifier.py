@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rewards import hints
 from rewards.base import Reward
 from rewards.registry import register_reward
 from rewards.shapes.world import COLORS, MAX_COUNT, RESOLUTION, SHAPES, parse_caption
@@ -181,18 +182,21 @@ def shapes(
     """Embedded shapes-world classifier: prompt agreement, add/remove shapes, colour, kind or size (no download)."""
     if objective not in OBJECTIVES:
         raise ValueError(
-            f"shapes needs objective= one of {OBJECTIVES} (e.g. objective='count', mode='remove' to empty a "
-            f"scene); got {objective!r}"
+            f"shapes needs {hints.option('objective')} one of {OBJECTIVES} (e.g. "
+            f"{hints.options(objective='count', mode='remove')} to empty a scene); got {objective!r}"
         )
     modes = MODES.get(objective, (None,))
     mode = modes[0] if mode is None else mode
     if mode not in modes:
-        raise ValueError(f"objective={objective!r} takes mode= one of {modes}; got {mode!r}")
+        raise ValueError(f"objective {objective!r} takes {hints.option('mode')} one of {modes}; got {mode!r}")
     choices = {"color": tuple(COLORS), "shape": SHAPES}.get(objective)
     if choices is not None and target not in choices:
-        raise ValueError(f"objective={objective!r} needs target= one of {choices}; got {target!r}")
+        raise ValueError(
+            f"objective {objective!r} needs {hints.option('target')} one of {choices}, e.g. "
+            f"{hints.options(target=choices[0])}; got {target!r}"
+        )
     if choices is None and target is not None:
-        raise ValueError(f"objective={objective!r} takes no target (only 'color' and 'shape' do)")
+        raise ValueError(f"objective {objective!r} takes no target (only 'color' and 'shape' do)")
     override = (weights or {}).get(MAIN)
     if pretrained and override is None:
         if not WEIGHTS_FILE.exists():

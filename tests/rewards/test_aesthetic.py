@@ -142,7 +142,10 @@ def test_offline_error_names_clip_repo_and_weights_argument():
     message = str(info.value)
     assert "openai/clip-vit-large-patch14" in message
     assert "hf download openai/clip-vit-large-patch14" in message
-    assert "weights={'clip': 'DIR'}" in message
+    # every file the reward needs: the CLIP directory and the head
+    assert "hf download openai/clip-vit-large-patch14 config.json model.safetensors --revision" in message
+    assert "curl -L -o 'HEAD_DIR/sac+logos+ava1-l14-linearMSE.pth'" in message
+    assert "weights={'clip': 'CLIP_DIR', 'head': 'HEAD_DIR/sac+logos+ava1-l14-linearMSE.pth'}" in message
 
 
 def test_offline_error_names_head_file_and_url(tmp_path):
@@ -151,7 +154,8 @@ def test_offline_error_names_head_file_and_url(tmp_path):
         get_reward("aesthetic", weights={"clip": tmp_path / "c"})
     message = str(info.value)
     assert "improved-aesthetic-predictor" in message and "component 'head'" in message
-    assert "weights={'head': 'DIR/sac+logos+ava1-l14-linearMSE.pth'}" in message
+    assert f"weights={{'clip': '{tmp_path / 'c'}', 'head': 'HEAD_DIR/sac+logos+ava1-l14-linearMSE.pth'}}" in message
+    assert "hf download" not in message  # the CLIP directory was given
 
 
 def test_tiny_has_no_pretrained_weights():

@@ -1,5 +1,6 @@
 """HPSv2/2.1: real geometry, the {"state_dict": ...} checkpoint layout loaded strictly, and the HPS recipe
-computed independently (open_clip model API + open_clip tokenizer + torchvision resize/pad, no project code)."""
+computed independently (open_clip model API + open_clip tokenizer + torchvision resize/pad, no project code).
+The reference's resize does not clamp; ours does (the one difference, checked on its own below)."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from rewards import MissingWeightsError, WeightsMismatchError, get_reward
 from rewards.hps import HPSReward, vit_h_14
+from rewards.transforms import resize_longer_side_and_pad
 
 PROMPTS = ["a watercolor of a mountain village", "a close-up photo of a hummingbird"]
 
@@ -22,20 +24,39 @@ def test_real_geometry_on_meta_device():
     assert "transformer.resblocks.23.attn.in_proj_weight" in model.state_dict()
 
 
-def reference_hps(model, images, prompts):
-    """tgxs002/HPSv2 img_score: ResizeMaxSize(224) (longer side 224, zero pad), OpenAI mean/std, normalised
-    image and text features, score = diag(image @ text.T)."""
+def reference_resize_max_size(images):
+    """tgxs002/HPSv2 ``ResizeMaxSize(224)`` on ToTensor() images: torchvision's bicubic tensor resize of the longer
+    side to 224 (no clamp), zero padding to a centred square."""
     h, w = images.shape[-2:]
     scale = 224 / max(h, w)
     new = [round(h * scale), round(w * scale)]
-    x = TF.resize(images, new, interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+    x = TF.resize(images, new, interpolation=InterpolationMode.BICUBIC, antialias=True)
     top, left = (224 - new[0]) // 2, (224 - new[1]) // 2
-    x = TF.pad(x, [left, top, 224 - new[1] - left, 224 - new[0] - top], fill=0.0)
-    x = TF.normalize(x, [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+    return TF.pad(x, [left, top, 224 - new[1] - left, 224 - new[0] - top], fill=0.0)
+
+
+def reference_hps(model, images, prompts):
+    """tgxs002/HPSv2 img_score: ResizeMaxSize(224), OpenAI mean/std, normalised image and text features,
+    score = diag(image @ text.T)."""
+    x = TF.normalize(reference_resize_max_size(images), [0.48145466, 0.4578275, 0.40821073],
+                     [0.26862954, 0.26130258, 0.27577711])  # fmt: skip
     with torch.no_grad():
         image = model.encode_image(x, normalize=True)
         text = model.encode_text(get_tokenizer("ViT-H-14")(prompts), normalize=True)
     return torch.diagonal(image @ text.T)
+
+
+def test_resize_is_the_reference_clamped_to_the_pixel_range():
+    """The one difference from the reference's resize (stated in the model cards): ours clamps the bicubic
+    overshoot to [0, 1]. It shows at hard edges between saturated regions (here a black and white checkerboard),
+    and nowhere else."""
+    squares = (torch.arange(512)[:, None] // 32 + torch.arange(384)[None] // 32) % 2
+    images = torch.cat([squares.float().expand(1, 3, 512, 384), torch.rand(1, 3, 512, 384)])
+    reference = reference_resize_max_size(images)
+    ours = resize_longer_side_and_pad(images, 224)
+    torch.testing.assert_close(ours, reference.clamp(0, 1), rtol=0, atol=1e-6)
+    overshoot = (reference - reference.clamp(0, 1)).abs().amax(dim=(1, 2, 3))
+    assert overshoot[0] > 0.02 and overshoot[1] == 0
 
 
 @pytest.mark.slow

@@ -410,7 +410,8 @@ def test_gradient_batch_and_bf16_autocast(loaded):
 
 def test_offline_errors(checkpoint, tmp_path):
     _, directory, _ = checkpoint
-    with pytest.raises(MissingWeightsError, match=r"THUDM/ImageReward.*weights=\{'model': 'DIR/ImageReward\.pt'\}"):
+    expected = r"THUDM/ImageReward.*weights=\{'model': 'MODEL_DIR/ImageReward\.pt', 'tokenizer': 'TOKENIZER_DIR/vocab"
+    with pytest.raises(MissingWeightsError, match=expected):  # both files, though only the first was looked for
         get_reward("imagereward")
     # Trained weights need the reference vocabulary: not cached, offline, it names what to download.
     with pytest.raises(MissingWeightsError, match=r"'vocab\.txt' of hub repo 'bert-base-uncased'.*'tokenizer'"):

@@ -75,6 +75,23 @@ def test_tiny_matches_reference_and_caches_text(tmp_path):
     assert len(reward.prompt_cache) == 2
 
 
+def test_text_cache_keeps_autocast_encodings_apart():
+    """Rows encoded under bf16 autocast are not reused in float32 or fp16 scoring (they once were: float32 scores
+    then carried bf16 text embeddings, and fp16 autocast after bf16 failed to stack the rows)."""
+    reward = get_reward("pickscore", pretrained=False, tiny=True)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        fresh = get_reward("pickscore", pretrained=False, tiny=True)
+        fresh.load_state_dict(reward.state_dict())
+        expected = fresh(images, PROMPTS)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reward(images, PROMPTS)
+        torch.testing.assert_close(reward(images, PROMPTS), expected, rtol=0, atol=0)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert torch.isfinite(reward(images, PROMPTS)).all()
+    assert len(reward.prompt_cache) == 6
+
+
 def test_strict_loading_and_offline_error(tmp_path):
     state = CLIPModel(pickscore_config(tiny=True)).state_dict()
     state.pop("logit_scale")

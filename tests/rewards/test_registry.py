@@ -42,7 +42,8 @@ def test_weight_free_reward_rejects_weights():
 
 
 def test_multi_component_reward_needs_a_dict():
-    with pytest.raises(ValueError, match=r"several weight components \(clip, head\).*weights=\{'head': PATH\}"):
+    expected = r"several weight components \(clip, head\).*weights=\{'clip': 'PATH', 'head': 'PATH'\}"
+    with pytest.raises(ValueError, match=expected):
         get_reward("aesthetic", pretrained=False, weights="head.pth")
 
 
@@ -101,3 +102,18 @@ def test_other_packages_import():
     import finetune
 
     assert compose.__doc__ and finetune.__doc__
+
+
+def test_package_import_is_light_and_every_export_resolves():
+    """``import rewards`` loads no torch (the names are imported on first use); ``rewards.combine`` stays the
+    function even after its submodule is imported."""
+    script = (
+        "import sys, types, rewards\n"
+        "light = 'torch' not in sys.modules\n"
+        "import rewards.combine\n"
+        "names = [getattr(rewards, name) for name in rewards.__all__]\n"
+        "exports = sorted(rewards.__all__) == sorted(rewards._EXPORTS)\n"
+        "print(light, not isinstance(rewards.combine, types.ModuleType), exports)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "True"]

@@ -94,7 +94,7 @@ def test_bad_targets(target, message):
 
 
 def test_target_is_required():
-    with pytest.raises(ValueError, match=r"needs a target class: e\.g\. target=281"):
+    with pytest.raises(ValueError, match=r"needs a target class, e\.g\. target=281"):
         get_reward("resnet50", pretrained=False)
 
 
