@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import ATTENTION, COMPILE_MODES, METHOD_NAMES, MIXED_PRECISION, TrainConfig
+from rewards import hints
+from rewards.cli import parse_options, parse_weights
 
 WORLD_MODEL = "world"
 """``--model world``: the embedded shapes-world pipeline shipped with the package, with its own defaults."""
@@ -98,6 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
         if options.get("action") != "store_true":
             options["help"] = options.get("help", "") + default_text(name)
         train.add_argument("--" + name.replace("_", "-"), dest=name, **options)
+    reward = train.add_argument_group("reward arguments (as `python -m rewards` takes them)")
+    reward.add_argument(
+        "--option",
+        dest="reward_options",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the reward (repeatable), e.g. --reward shapes --option objective=size",
+    )
+    reward.add_argument(
+        "--weights",
+        dest="reward_weights",
+        action="append",
+        metavar="PATH | COMPONENT=PATH[,...]",
+        help="the reward's local weights: one PATH, or COMPONENT=PATH for each part (e.g. clip=DIR,head=FILE)",
+    )
+    reward.add_argument(
+        "--random-weights",
+        dest="reward_random_weights",
+        action="store_true",
+        default=None,
+        help="build the reward with random weights (no download; for tests)",
+    )
     demo = commands.add_parser("demo", help="run DRaFT, LoRA export and mixing in the embedded world (no download)")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the grids, LoRAs and report go")
     demo.add_argument("--steps", type=int, help="training steps per LoRA (default: the demo's setting, 60)")
@@ -121,6 +145,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the model's preset, then the YAML file, then the flags that were given."""
     values = TrainConfig.load(args.config).to_dict() if args.config else {}
     values.update({name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None})
+    if args.reward_options:
+        values["reward_options"] = parse_options(args.reward_options)
+    if args.reward_weights:
+        values["reward_weights"] = parse_weights(args.reward_weights)
+    if args.reward_random_weights:
+        values["reward_random_weights"] = True
     if values.get("model") == WORLD_MODEL:
         from finetune.world import WORLD_TRAINING
         from finetune.world.pipeline import SHIPPED_PIPELINE
@@ -159,8 +189,17 @@ def check_arguments(config: TrainConfig) -> None:
     check_model_argument(config.model)
     for spec in (config.prompts, config.eval_prompts):
         load_prompts(spec)
-    for name in parse_reward_spec(config.reward):
+    members = parse_reward_spec(config.reward)
+    for name in members:
         get_entry(name)
+    if config.reward_options or config.reward_weights is not None:
+        if len(members) > 1:
+            raise ValueError("--weights and --option apply to a single reward; build mixes with options in Python")
+        entry = get_entry(next(iter(members)))
+        unknown = sorted(set(config.reward_options) - set(entry.options))
+        if unknown:
+            takes = ", ".join(entry.options) or "none"
+            raise ValueError(f"reward '{entry.name}' has no option {', '.join(unknown)} (its options: {takes})")
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, config.resume, config.overwrite)
     if config.resume:
@@ -171,10 +210,16 @@ def train(config: TrainConfig) -> None:
     check_arguments(config)
     from finetune.pipelines import load_pipeline
     from finetune.trainer import Trainer
-    from rewards import combine
+    from rewards.cli import build_reward_from_spec
 
+    reward = build_reward_from_spec(  # before the pipeline: a reward error is cheaper to find than a model load
+        config.reward,
+        config.reward_options,
+        config.reward_weights,
+        pretrained=not config.reward_random_weights,
+        normalize=config.reward_normalize,
+    )
     pipeline = load_pipeline(config.model)
-    reward = combine(config.reward, normalize=config.reward_normalize)
     history = Trainer(pipeline, reward, config).train()
     if history:
         print(f"done: step {history[-1]['step']}, reward {history[-1]['reward']:.4g}; LoRA in {config.output_dir}")
@@ -201,10 +246,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from finetune.interrupt import TrainingInterrupted
 
     try:
-        if args.command == "demo":
-            demo(args)
-        else:
-            train(config_from_args(args))
+        with hints.command_line():  # hints in reward errors name the command line's flags
+            if args.command == "demo":
+                demo(args)
+            else:
+                train(config_from_args(args))
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

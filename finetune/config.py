@@ -31,6 +31,12 @@ class TrainConfig:
     reward: str = "aesthetic"
     """Reward name or weighted mix ``"aesthetic=1,brightness=0.5"`` (CLI only; Python callers pass a Reward)."""
     reward_normalize: bool = False
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    """Options of a single reward, e.g. ``{"objective": "size"}`` for ``shapes`` (CLI: ``--option KEY=VALUE``)."""
+    reward_weights: str | dict[str, str] | None = None
+    """Local weights of a single reward: a path, or a path per component (CLI: ``--weights clip=DIR,head=FILE``)."""
+    reward_random_weights: bool = False
+    """Build the reward with random weights (CLI: ``--random-weights``; for tests, no download)."""
     method: str = "draft-k"
     k: int = 1
     lv_n: int = 2

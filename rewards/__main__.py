@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rewards import hints
+from rewards.cli import build_reward_from_spec, parse_options, parse_weights
 
 if TYPE_CHECKING:  # heavy: imported where needed, after the arguments are checked
     import torch
@@ -60,55 +61,15 @@ def load_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def parse_options(items: list[str]) -> dict[str, object]:
-    """``--option KEY=VALUE`` (repeatable); values are read as YAML scalars (``281``, ``true``, ``cat``)."""
-    import yaml
-
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option {item!r}: expected KEY=VALUE, e.g. --option target=cat")
-        options[key] = yaml.safe_load(value)
-    return options
-
-
-def parse_weights(items: list[str]) -> str | dict[str, str] | None:
-    """``--weights PATH`` for a single-component reward, or ``--weights COMPONENT=PATH[,COMPONENT=PATH...]``
-    (repeatable) naming the components to override."""
-    named: dict[str, str] = {}
-    plain = []
-    for item in items:
-        if "=" not in item:
-            plain.append(item)
-            continue
-        for part in item.split(","):
-            component, sep, path = part.partition("=")
-            if not sep or not component or not path:
-                raise ValueError(f"--weights {item!r}: expected COMPONENT=PATH[,COMPONENT=PATH...], e.g. clip=DIR")
-            named[component] = path
-    if (named and plain) or len(plain) > 1:
-        raise ValueError("--weights: give one PATH, or COMPONENT=PATH for each component to override")
-    return plain[0] if plain else named or None
-
-
 def check_reward_arguments(args: argparse.Namespace) -> None:
     """Check the syntax of the reward arguments before anything heavy is imported."""
     args.options, args.weight_paths = parse_options(args.option), parse_weights(args.weights)
 
 
 def build_reward(args: argparse.Namespace) -> Reward:
-    from rewards.combine import combine, parse_reward_spec
-    from rewards.registry import get_reward
-
-    pretrained = not args.random_weights
-    names = parse_reward_spec(args.reward)
-    if len(names) == 1 and next(iter(names.values())) == 1.0:
-        name = next(iter(names))
-        return get_reward(name, pretrained, weights=args.weight_paths, device=args.device, **args.options)
-    if args.weight_paths is not None or args.options:
-        raise ValueError("--weights and --option apply to a single reward; build mixes with options in Python")
-    return combine(names, pretrained=pretrained, device=args.device)
+    return build_reward_from_spec(
+        args.reward, args.options, args.weight_paths, pretrained=not args.random_weights, device=args.device
+    )
 
 
 class OnnxScorer:

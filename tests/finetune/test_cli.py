@@ -37,7 +37,7 @@ def test_help_shows_defaults_and_a_recipe_without_heavy_imports():
     probe = (
         "import sys; from finetune.__main__ import build_parser; "
         "text = build_parser()._subparsers._group_actions[0].choices['train'].format_help(); "
-        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'rewards') if m in sys.modules)); print(text)"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules)); print(text)"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     heavy, _, text = result.stdout.partition("\n")
@@ -53,11 +53,22 @@ def test_help_shows_defaults_and_a_recipe_without_heavy_imports():
         (["--model", "/nonexistent/dir"], "/nonexistent/dir: no such directory"),
         (["--model", "world", "--reward", "aesthtic"], "unknown reward 'aesthtic'. Did you mean 'aesthetic'"),
         (["--model", "world", "--prompts", "animls"], "Did you mean the built-in set 'animals'"),
+        (["--model", "world", "--reward", "shapes", "--option", "objectiv=size"], "has no option objectiv"),
+        (["--model", "world", "--reward", "shapes=1,brightness=1", "--option", "objective=size"], "single reward"),
+        (["--model", "world", "--reward", "shapes"], "--option objective="),  # the hint in the CLI's spelling
     ],
 )
 def test_arguments_are_checked_before_loading(args, message, tmp_path, capsys, no_loading):
     code, err = run_cli(["train", *args, "--output-dir", str(tmp_path / "run")], capsys)
     assert code == 2 and message in err, err
+
+
+def test_reward_options_reach_the_reward(tmp_path):
+    args = ["train", "--model", "world", "--reward", "shapes", "--option", "objective=size", "--option", "mode=grow"]
+    config = config_from_args(build_parser().parse_args(args))
+    assert config.reward_options == {"objective": "size", "mode": "grow"}
+    config.save(tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["reward_options"] == config.reward_options
 
 
 def test_empty_prompt_file_and_non_pipeline_directory(tmp_path, capsys, no_loading):
