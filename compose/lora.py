@@ -1,7 +1,8 @@
 """The in-memory LoRA: per target module, the two factors and the scale, keyed by the module's base-model name.
 
 A module name is the component followed by the diffusers module path, e.g.
-``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` or
+``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``, ``transformer.transformer_blocks.0.attn.to_q``
+(SD3, FLUX) or
 ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``. Every reader produces this and every writer
 consumes it, so formats only translate names and the scale convention.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 def canonical_name(name: str) -> str:
