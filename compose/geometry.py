@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from compose.lora import LoRA
+
 STABILITY = "https://github.com/Stability-AI/generative-models"
 BFL = "https://github.com/black-forest-labs/flux"
 
@@ -164,3 +166,70 @@ def module_shapes(base: str) -> dict[str, tuple[int, ...]]:
     for component, encoder in COMPONENT_ENCODERS[base].items():
         shapes.update(text_encoder_shapes(component, encoder))
     return shapes
+
+
+def fitting_base_models(modules: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
+    """The known base models that have every one of ``modules`` (name -> weight shape) with that shape."""
+    components = {name.split(".", 1)[0] for name in modules}
+    fits = []
+    for base in INFERRED:
+        is_unet = base in UNET_CONFIGS
+        if ("unet" in components and not is_unet) or ("transformer" in components and is_unet):
+            continue
+        known = {}
+        for component, encoder in COMPONENT_ENCODERS[base].items():
+            known.update(text_encoder_shapes(component, encoder))
+        if components & {"unet", "transformer"}:
+            known.update(denoiser_shapes(base))
+        if all(known.get(name) == shape for name, shape in modules.items()):
+            fits.append(base)
+    if "flux-1-dev" in fits:
+        fits.append("flux-1-schnell")
+    return tuple(fits)
+
+
+def metadata_hint(metadata: dict[str, str]) -> str | None:
+    """The base model a file's kohya / model-spec header names, if any."""
+    architecture = metadata.get("modelspec.architecture", "").split("/")[0]
+    version = metadata.get("ss_base_model_version", "")
+    for model in BASE_MODELS.values():
+        if architecture and model.architecture.split("/")[0] == architecture:
+            return model.name
+    for model in BASE_MODELS.values():
+        if version and version.startswith(model.kohya_version):  # sd_v2_v is sd_v2
+            return model.name
+    return None
+
+
+def resolve_base_model(lora: LoRA, explicit: str | None = None) -> LoRA:
+    """Set ``lora.base_model`` from the geometry of its modules (whatever subset they are); the file's metadata only
+    breaks ties, ``explicit`` (``--base-model``) decides among fitting ones. Records how in ``base_model_reason``."""
+    shapes = {name: module.weight_shape for name, module in lora.modules.items()}
+    fits = fitting_base_models(shapes) if shapes else ()
+    hint = metadata_hint(lora.metadata)
+    count = f"{len(shapes)} module{'s' * (len(shapes) != 1)}"
+    lora.candidates = fits
+    if explicit is not None:
+        if explicit not in BASE_MODELS:
+            raise ValueError(f"unknown base model {explicit!r}; choose one of {', '.join(BASE_MODELS)}")
+        if shapes and explicit not in fits:
+            fitting = f"it fits {', '.join(fits)}" if fits else "it fits no known base model"
+            raise ValueError(f"{lora.source or 'the LoRA'}: its {count} do not fit {explicit}'s geometry ({fitting})")
+        lora.base_model, lora.base_model_reason = explicit, f"--base-model (geometry fits {', '.join(fits)})"
+    elif len(fits) == 1 or (fits and set(fits) <= {"flux-1-dev", "flux-1-schnell"} and hint not in fits):
+        lora.base_model = fits[0]
+        lora.base_model_reason = f"geometry: of the known base models only {fits[0]} has these {count} and shapes"
+        if len(fits) > 1:
+            lora.base_model_reason = f"geometry fits FLUX.1 ({count}; dev and schnell share it): taken as flux-1-dev"
+        if hint and hint != lora.base_model:
+            lora.base_model_reason += f"; the file's metadata said {hint}, which does not fit"
+    elif fits and hint in fits:
+        lora.base_model = hint
+        lora.base_model_reason = f"geometry fits {', '.join(fits)} ({count}); the file's metadata names {hint}"
+    elif fits:
+        lora.base_model = None
+        lora.base_model_reason = f"ambiguous: geometry fits {', '.join(fits)} ({count}); pass --base-model"
+    else:
+        lora.base_model = None
+        lora.base_model_reason = f"no known base model has these {count} with these shapes (a custom geometry)"
+    return lora

@@ -18,20 +18,36 @@ import torch
 from compose.lora import LoRA, LoRAModule
 
 
-def _check_compatible(loras: Sequence[LoRA]) -> str | None:
-    bases = {lora.base_model for lora in loras if lora.base_model}
-    if len(bases) > 1:
-        raise ValueError(f"the LoRAs are for different base models ({', '.join(sorted(bases))}); they cannot be mixed")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for lora in loras:
+def _label(lora: LoRA, index: int) -> str:
+    return lora.source or f"LoRA #{index + 1}"
+
+
+def _common_base(loras: Sequence[LoRA]) -> tuple[str | None, tuple[str, ...]]:
+    """The base model the inputs share (decided, or the geometries all fit), refusing inputs of different base
+    models or weight shapes with a message naming both."""
+    allowed: tuple[str, ...] | None = None
+    first = ""
+    for index, lora in enumerate(loras):
+        options = (lora.base_model,) if lora.base_model else lora.candidates
+        if not options:
+            continue  # a custom geometry: the shape check below still applies
+        label = f"{_label(lora, index)} ({' or '.join(options)})"
+        common = options if allowed is None else tuple(b for b in allowed if b in options)
+        if not common:
+            raise ValueError(f"the LoRAs are for different base models: {first} and {label}; they cannot be mixed")
+        allowed, first = common, first or label
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for index, lora in enumerate(loras):
         for name, module in lora.modules.items():
-            expected = shapes.setdefault(name, module.weight_shape)
+            expected, where = shapes.setdefault(name, (module.weight_shape, _label(lora, index)))
             if expected != module.weight_shape:
                 raise ValueError(
-                    f"module {name} has weight shape {expected} in one LoRA and {module.weight_shape} in another: "
-                    f"the LoRAs were trained on different base models"
+                    f"module {name} has weight shape {expected} in {where} and {module.weight_shape} in "
+                    f"{_label(lora, index)}: the LoRAs were trained on different base models"
                 )
-    return next(iter(bases), None)
+    if allowed is None:
+        return None, ()
+    return (allowed[0] if len(allowed) == 1 else None), (allowed if len(allowed) > 1 else ())
 
 
 def mix(loras: Sequence[LoRA], weights: Sequence[float]) -> LoRA:
@@ -41,7 +57,7 @@ def mix(loras: Sequence[LoRA], weights: Sequence[float]) -> LoRA:
     """
     if len(loras) != len(weights) or not loras:
         raise ValueError(f"need one weight per LoRA; got {len(loras)} LoRAs and {len(weights)} weights")
-    base = _check_compatible(loras)
+    base, candidates = _common_base(loras)
     names = list(dict.fromkeys(name for lora in loras for name in lora.modules))
     modules = {}
     for name in names:
@@ -57,7 +73,9 @@ def mix(loras: Sequence[LoRA], weights: Sequence[float]) -> LoRA:
         if downs:
             down, up = torch.cat(downs, dim=0), torch.cat(ups, dim=1)
             modules[name] = LoRAModule(down, up, alpha=float(down.shape[0]))
-    return LoRA(modules, base_model=base)
+    reasons = {lora.base_model_reason for lora in loras if lora.base_model == base and base}
+    reason = f"the inputs' ({'; '.join(sorted(reasons))})" if reasons else ""
+    return LoRA(modules, base_model=base, candidates=candidates, base_model_reason=reason)
 
 
 def scale(lora: LoRA, by: float) -> LoRA:
@@ -132,4 +150,6 @@ def svd_rerank(lora: LoRA, rank: int) -> tuple[LoRA, EnergyReport]:
         kept[name] = kept_energy / energy if energy > 0 else 1.0
         total_kept, total = total_kept + kept_energy, total + energy
     report = EnergyReport(kept, total_kept / total if total > 0 else 1.0)
-    return LoRA(modules, base_model=lora.base_model, metadata=dict(lora.metadata)), report
+    reranked = LoRA(modules, base_model=lora.base_model, metadata=dict(lora.metadata), candidates=lora.candidates)
+    reranked.base_model_reason = lora.base_model_reason
+    return reranked, report

@@ -23,44 +23,17 @@ import torch
 from safetensors.torch import save_file
 
 from compose.files import atomic_write
-from compose.formats import export_dtype, read_safetensors, refuse_unsupported
+from compose.formats import checked_module, clean_metadata, export_dtype, read_safetensors, refuse_unsupported
+from compose.geometry import BASE_MODELS, TEXT_ENCODER_TARGETS, TEXT_ENCODERS, UNET_CONFIGS
 from compose.lora import LoRA, LoRAModule
 
 PREFIXES = {
     "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
 }
-TEXT_ENCODER_LAYERS = {"text_encoder": 32, "text_encoder_2": 32}
-"""Upper bounds on CLIP text-encoder depth (CLIP-L 12, OpenCLIP-H in SD 2 23, OpenCLIP-bigG in SDXL 32)."""
-TEXT_ENCODER_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
-TEXT_ENCODER_TARGETS += ("mlp.fc1", "mlp.fc2")
 TEXT_ENCODER_LAYER = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
-HEADERS = {
-    "sd_v1": ("stable-diffusion-v1/lora", "diffusers"),
-    "sd_v2": ("stable-diffusion-v2-512/lora", "diffusers"),
-    "sdxl_base_v1-0": ("stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"),
-}
-UNET_CONFIGS = {
-    "sd": dict(
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-    ),
-    "sdxl": dict(
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    ),
-}
-"""The real SD 1.5 (same module names as SD 2.x) and SDXL base UNet configurations."""
+GEOMETRY = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+"""The geometry whose module names a family's kohya names are read against (SD 2.x has SD 1.5's names)."""
 
 
 @functools.cache
@@ -113,9 +86,14 @@ def sgm_name(path: str) -> str:
 
 
 def family(lora: LoRA) -> str:
-    """``sdxl`` or ``sd`` (SD 1.x/2.x), from the recorded base model or else the module names."""
+    """``sdxl`` or ``sd`` (SD 1.x/2.x), from the base model or else (a custom geometry) the module names."""
     if lora.base_model:
-        return "sdxl" if lora.base_model.startswith("sdxl") else "sd"
+        return BASE_MODELS[lora.base_model].family
+    if lora.candidates:
+        raise ValueError(
+            f"the base model is ambiguous: the LoRA's modules fit {', '.join(lora.candidates)}, and a kohya file "
+            f"names its base model for the UIs; pass --base-model"
+        )
     names = list(lora.modules)
     sdxl_only = re.compile(r"^(text_encoder_2\.|unet\.(add_embedding|.*transformer_blocks\.[1-9]))")
     return "sdxl" if any(sdxl_only.match(n) for n in names) else "sd"
@@ -143,11 +121,11 @@ def known_modules(kind: str) -> dict[str, str]:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**UNET_CONFIGS[kind])
+        unet = UNet2DConditionModel(**UNET_CONFIGS[GEOMETRY[kind]])
     names = [f"unet.{n}" for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     for component in PREFIXES[kind]:
         if component != "unet":
-            for layer in range(TEXT_ENCODER_LAYERS[component]):
+            for layer in range(max(layers for _, _, layers in TEXT_ENCODERS.values())):
                 names += [f"{component}.text_model.encoder.layers.{layer}.{leaf}" for leaf in TEXT_ENCODER_TARGETS]
     return {kohya_name(n, kind): n for n in names}
 
@@ -179,6 +157,7 @@ def diffusers_unet_name(stem: str) -> str | None:
 
 def read(path: Path) -> LoRA:
     tensors, header = read_safetensors(path)
+    header = clean_metadata(header, path)
     refuse_unsupported(tensors, path)
     stems: dict[str, dict] = {}
     for key, tensor in tensors.items():
@@ -201,9 +180,8 @@ def read(path: Path) -> LoRA:
             raise ValueError(f"{path}: module {stem} lacks its lora_down or lora_up weight")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
-        modules[name] = LoRAModule(down, up, alpha)
-    base = header.get("ss_base_model_version") or ("sdxl_base_v1-0" if kind == "sdxl" else None)
-    return LoRA(modules, base_model=base, metadata=header)
+        modules[name] = checked_module(path, stem, down, up, alpha)
+    return LoRA(modules, metadata=header)
 
 
 def complete_attention(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
@@ -235,18 +213,17 @@ def write(lora: LoRA, path: Path, dtype: str = "fp32", recipe: str | None = None
         tensors[f"{stem}.alpha"] = torch.tensor(float(balanced.rank), dtype=cast)
     ranks = sorted({m.rank for m in lora.modules.values()})
     dim = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
-    base = lora.base_model or ("sdxl_base_v1-0" if kind == "sdxl" else "sd_v1")
-    architecture, implementation = HEADERS.get(base, HEADERS["sd_v1"])
+    base = BASE_MODELS[lora.base_model or ("sdxl_base_v1-0" if kind == "sdxl" else "sd_v1")]
     header = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
         "ss_network_alpha": dim,
-        "ss_base_model_version": base,
-        "ss_v2": str(base.startswith("sd_v2")),
+        "ss_base_model_version": base.kohya_version,
+        "ss_v2": str(base.name == "sd_v2"),
         "ss_output_name": path.stem,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": architecture,
-        "modelspec.implementation": implementation,
+        "modelspec.architecture": base.architecture,
+        "modelspec.implementation": base.implementation,
         "modelspec.title": path.stem,
         "modelspec.date": datetime.date.today().isoformat(),
     }
