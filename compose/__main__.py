@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("input", type=Path)
             sub.add_argument("--by", type=float, required=True, help="0 = base model, 1 = the LoRA")
         sub.add_argument("-o", "--output", required=True)
-        sub.add_argument("--format", choices=("kohya", "diffusers"), default="kohya")
+        sub.add_argument("--format", choices=("kohya", "diffusers", "original"), default="kohya")
         sub.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
         sub.add_argument("--rank", type=int, default=None, help="re-factorise to this rank by SVD (lossy)")
         sub.add_argument("--overwrite", action="store_true", help="allow replacing an existing file")

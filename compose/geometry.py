@@ -212,10 +212,12 @@ def resolve_base_model(lora: LoRA, explicit: str | None = None) -> LoRA:
     if explicit is not None:
         if explicit not in BASE_MODELS:
             raise ValueError(f"unknown base model {explicit!r}; choose one of {', '.join(BASE_MODELS)}")
-        if shapes and explicit not in fits:
-            fitting = f"it fits {', '.join(fits)}" if fits else "it fits no known base model"
-            raise ValueError(f"{lora.source or 'the LoRA'}: its {count} do not fit {explicit}'s geometry ({fitting})")
-        lora.base_model, lora.base_model_reason = explicit, f"--base-model (geometry fits {', '.join(fits)})"
+        if fits and explicit not in fits:
+            raise ValueError(
+                f"{lora.source or 'the LoRA'}: its {count} do not fit {explicit}'s geometry (it fits {', '.join(fits)})"
+            )
+        fitting = f"geometry fits {', '.join(fits)}" if fits else "a custom geometry, of no known size"
+        lora.base_model, lora.base_model_reason = explicit, f"--base-model ({fitting})"
     elif len(fits) == 1 or (fits and set(fits) <= {"flux-1-dev", "flux-1-schnell"} and hint not in fits):
         lora.base_model = fits[0]
         lora.base_model_reason = f"geometry: of the known base models only {fits[0]} has these {count} and shapes"

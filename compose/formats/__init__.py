@@ -103,7 +103,8 @@ def refuse_unsupported(keys, path: Path) -> None:
 
 
 def detect(path: Path) -> str:
-    """``kohya``, ``diffusers`` or ``peft`` (a directory with adapter_config.json)."""
+    """``kohya``, ``diffusers``, ``original`` (FLUX / SD3 checkpoint names) or ``peft`` (a directory with
+    adapter_config.json)."""
     if path.is_dir():
         if (path / "adapter_config.json").exists():
             return "peft"
@@ -117,6 +118,8 @@ def detect(path: Path) -> str:
         raise ValueError(_unreadable(path, err)) from err
     if keys and all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
+    if keys and all(k.startswith("diffusion_model.") for k in keys):
+        return "original"
     if keys and all(k.startswith(("unet.", "transformer.", "text_encoder.", "text_encoder_2.")) for k in keys):
         return "diffusers"
     raise ValueError(f"{path}: unrecognised LoRA key layout (first keys: {keys[:3]})")
@@ -125,25 +128,27 @@ def detect(path: Path) -> str:
 def load_lora(path: str | Path, base_model: str | None = None) -> LoRA:
     """Read a LoRA in any supported format (detected from the file) and decide its base model from the geometry
     of its modules (``base_model`` chooses where several fit; see ``compose.geometry.resolve_base_model``)."""
-    from compose.formats import diffusers, kohya, peft
+    from compose.formats import diffusers, kohya, original, peft
     from compose.geometry import resolve_base_model
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such LoRA file or directory: {path}")
-    reader = {"kohya": kohya.read, "diffusers": diffusers.read, "peft": peft.read}[detect(path)]
+    readers = {"kohya": kohya.read, "diffusers": diffusers.read, "peft": peft.read, "original": original.read}
+    reader = readers[detect(path)]
     lora = reader(path)
     lora.source = str(path)
     return resolve_base_model(lora, base_model)
 
 
 def save_lora(lora: LoRA, path: str | Path, format: str = "kohya", dtype: str = "fp32", recipe: dict | None = None):
-    """Write ``lora`` atomically as ``kohya`` (UIs) or ``diffusers`` (``pipeline.load_lora_weights``)."""
-    from compose.formats import diffusers, kohya
+    """Write ``lora`` atomically as ``kohya`` (UIs), ``diffusers`` (``pipeline.load_lora_weights``) or, for FLUX and
+    SD3, ``original`` (the checkpoints' own module names, as ComfyUI uses them)."""
+    from compose.formats import diffusers, kohya, original
 
-    writers = {"kohya": kohya.write, "diffusers": diffusers.write}
+    writers = {"kohya": kohya.write, "diffusers": diffusers.write, "original": original.write}
     if format not in writers:
-        raise ValueError(f"unknown export format {format!r}; choose kohya or diffusers")
+        raise ValueError(f"unknown export format {format!r}; choose {', '.join(writers)}")
     path = Path(path)
     if format == "diffusers" and path.suffix != ".safetensors":
         path = path / "pytorch_lora_weights.safetensors"

@@ -24,12 +24,15 @@ from safetensors.torch import save_file
 
 from compose.files import atomic_write
 from compose.formats import checked_module, clean_metadata, export_dtype, read_safetensors, refuse_unsupported
+from compose.formats.original import family_of_names, fuse, name_table, original_module, write_tensors
 from compose.geometry import BASE_MODELS, TEXT_ENCODER_TARGETS, TEXT_ENCODERS, UNET_CONFIGS
 from compose.lora import LoRA, LoRAModule
 
 PREFIXES = {
     "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    "sd3": {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    "flux": {"transformer": "lora_unet", "text_encoder": "lora_te1"},
 }
 TEXT_ENCODER_LAYER = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
 GEOMETRY = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}
@@ -85,8 +88,13 @@ def sgm_name(path: str) -> str:
     raise ValueError(f"SDXL UNet module {path!r} has no Stability-style name")
 
 
+FAMILY_DEFAULT = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3-medium", "flux": "flux-1-dev"}
+"""The base model a custom geometry's file is labelled with, per family."""
+
+
 def family(lora: LoRA) -> str:
-    """``sdxl`` or ``sd`` (SD 1.x/2.x), from the base model or else (a custom geometry) the module names."""
+    """``sd`` (SD 1.x/2.x), ``sdxl``, ``sd3`` or ``flux``, from the base model or else (a custom geometry) the
+    module names."""
     if lora.base_model:
         return BASE_MODELS[lora.base_model].family
     if lora.candidates:
@@ -95,15 +103,55 @@ def family(lora: LoRA) -> str:
             f"names its base model for the UIs; pass --base-model"
         )
     names = list(lora.modules)
+    if any(n.startswith("transformer.") for n in names):
+        return transformer_family(lora)
     sdxl_only = re.compile(r"^(text_encoder_2\.|unet\.(add_embedding|.*transformer_blocks\.[1-9]))")
     return "sdxl" if any(sdxl_only.match(n) for n in names) else "sd"
 
 
+def transformer_family(lora: LoRA) -> str:
+    """``flux`` or ``sd3`` for a LoRA on a transformer: its base model, or names only one of them has."""
+    if lora.base_model and BASE_MODELS[lora.base_model].family in ("flux", "sd3"):
+        return BASE_MODELS[lora.base_model].family
+    flux_only = re.compile(r"^transformer\.(single_transformer_blocks|x_embedder|time_text_embed\.guidance)")
+    sd3_only = re.compile(r"^transformer\.(pos_embed|.*\.attn2\.)")
+    if any(flux_only.match(n) for n in lora.modules):
+        return "flux"
+    if any(sd3_only.match(n) for n in lora.modules):
+        return "sd3"
+    raise ValueError(
+        "cannot tell whether this transformer LoRA is for FLUX.1 or SD3 (its modules fit no known geometry and "
+        "exist in both); pass --base-model"
+    )
+
+
+def header_for(lora: LoRA, path: Path, kind: str, today: datetime.date) -> dict[str, str]:
+    """kohya-ss / model-spec header: what AUTOMATIC1111, Forge and ComfyUI read to list and label the file."""
+    ranks = sorted({m.rank for m in lora.modules.values()})
+    dim = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
+    base = BASE_MODELS[lora.base_model or FAMILY_DEFAULT[kind]]
+    return {
+        "ss_network_module": "networks.lora_flux" if kind == "flux" else "networks.lora",
+        "ss_network_dim": dim,
+        "ss_network_alpha": dim,
+        "ss_base_model_version": base.kohya_version,
+        "ss_v2": str(base.name == "sd_v2"),
+        "ss_output_name": path.stem,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": base.architecture,
+        "modelspec.implementation": base.implementation,
+        "modelspec.title": path.stem,
+        "modelspec.date": today.isoformat(),
+    }
+
+
 def kohya_name(module: str, kind: str) -> str:
     """``unet.down_blocks.0...to_q`` -> ``lora_unet_down_blocks_0_..._to_q`` (SDXL UNet: SGM names)."""
+    if kind in ("flux", "sd3") and not module.startswith("text_encoder"):
+        return f"lora_unet_{module.replace('.', '_')}"  # an original (BFL / Stability) name, from fuse()
     component, path = module.split(".", 1)
     if component not in PREFIXES[kind]:
-        raise ValueError(f"module {module}: an SD 1.x/2.x LoRA has no {component}; is this an SDXL LoRA?")
+        raise ValueError(f"module {module}: a {kind.upper()} LoRA has no {component}; is the base model right?")
     if component == "unet" and kind == "sdxl":
         path = sgm_name(path)
     elif component != "unet" and not TEXT_ENCODER_LAYER.fullmatch(path):
@@ -165,6 +213,9 @@ def read(path: Path) -> LoRA:
         if leaf not in ("lora_down.weight", "lora_up.weight", "alpha"):
             raise ValueError(f"{path}: unexpected key {key!r} (expected .lora_down.weight, .lora_up.weight, .alpha)")
         stems.setdefault(stem, {})[leaf] = tensor
+    transformer = family_of_names(s.removeprefix("lora_unet_") for s in stems if s.startswith("lora_unet_"))
+    if transformer:
+        return read_transformer(path, stems, transformer, header)
     sgm = re.compile(r"^lora_(te[12]_|unet_(input_blocks|middle_block|output_blocks|label_emb)_)")
     kind = "sdxl" if header.get("ss_base_model_version", "").startswith("sdxl") or any(map(sgm.match, stems)) else "sd"
     known = known_modules(kind)
@@ -181,6 +232,39 @@ def read(path: Path) -> LoRA:
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
         modules[name] = checked_module(path, stem, down, up, alpha)
+    return LoRA(modules, metadata=header)
+
+
+@functools.cache
+def transformer_names(kind: str) -> dict[str, str]:
+    """kohya name -> original module name (transformer) or module name (text encoders) for FLUX.1 / SD3."""
+    names = {f"lora_unet_{original.replace('.', '_')}": original for original in name_table(kind)}
+    width = max(layers for _, _, layers in TEXT_ENCODERS.values())
+    for component, prefix in PREFIXES[kind].items():
+        if component != "transformer":
+            for layer in range(width):
+                for leaf in TEXT_ENCODER_TARGETS:
+                    path = f"text_model.encoder.layers.{layer}.{leaf}"
+                    names[f"{prefix}_{path.replace('.', '_')}"] = f"{component}.{path}"
+    return names
+
+
+def read_transformer(path: Path, stems: dict[str, dict], kind: str, header: dict[str, str]) -> LoRA:
+    """A FLUX.1 / SD3 kohya file: original names (fused layers split exactly) and CLIP text encoders."""
+    names = transformer_names(kind)
+    modules: dict[str, LoRAModule] = {}
+    for stem, parts in stems.items():
+        name = names.get(stem)
+        if name is None:
+            raise ValueError(f"{path}: {stem!r} is not a {kind.upper()} module name under the kohya grammar")
+        if name.startswith("text_encoder"):
+            if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+                raise ValueError(f"{path}: module {stem} lacks its lora_down or lora_up weight")
+            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+            alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
+            modules[name] = checked_module(path, stem, down, up, alpha)
+        else:
+            modules.update(original_module(path, name, parts, kind, label=stem))
     return LoRA(modules, metadata=header)
 
 
@@ -202,31 +286,11 @@ def complete_attention(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
 
 
 def write(lora: LoRA, path: Path, dtype: str = "fp32", recipe: str | None = None) -> None:
-    cast = export_dtype(dtype)
     kind = family(lora)
-    tensors = {}
-    for name, module in complete_attention(lora.modules).items():
-        stem = kohya_name(name, kind)
-        balanced = module.balanced(cast)
-        tensors[f"{stem}.lora_down.weight"] = balanced.down.contiguous()
-        tensors[f"{stem}.lora_up.weight"] = balanced.up.contiguous()
-        tensors[f"{stem}.alpha"] = torch.tensor(float(balanced.rank), dtype=cast)
-    ranks = sorted({m.rank for m in lora.modules.values()})
-    dim = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
-    base = BASE_MODELS[lora.base_model or ("sdxl_base_v1-0" if kind == "sdxl" else "sd_v1")]
-    header = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": dim,
-        "ss_network_alpha": dim,
-        "ss_base_model_version": base.kohya_version,
-        "ss_v2": str(base.name == "sd_v2"),
-        "ss_output_name": path.stem,
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": base.architecture,
-        "modelspec.implementation": base.implementation,
-        "modelspec.title": path.stem,
-        "modelspec.date": datetime.date.today().isoformat(),
-    }
+    # FLUX / SD3: the transformer under original names (fused projections). SD: A1111's attention completed.
+    modules = fuse(lora.modules, kind) if kind in ("flux", "sd3") else complete_attention(lora.modules)
+    tensors = write_tensors(modules, lambda name: kohya_name(name, kind), export_dtype(dtype))
+    header = header_for(lora, path, kind, datetime.date.today())
     if recipe:
         header["draft.merge_recipe"] = recipe
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
