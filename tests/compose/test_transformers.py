@@ -1,6 +1,7 @@
 """SD3/SD3.5 and FLUX.1: exact fused <-> separate conversion on the real geometries (meta device), and mixed exports
 loaded by diffusers' own FluxPipeline / StableDiffusion3Pipeline on tiny random pipelines."""
 
+import json
 import re
 
 import pytest
@@ -210,3 +211,61 @@ def test_mixed_export_loads_in_diffusers_pipeline_completely_and_exactly(tmp_pat
                 assert error < 1e-5, (key, float(error))
             else:
                 assert torch.equal(fused[key], value), f"{key} is not targeted but changed"
+
+
+def full_pipeline(family):
+    """A complete tiny pipeline (every component, so that it saves and loads as a directory); the T5 tokenizer
+    is stood in for by the offline CLIP one, which loading does not care about."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    from rewards.clip import build_clip_tokenizer
+
+    pipeline = tiny_flux() if family == "flux" else tiny_sd3()
+    tokenizer = build_clip_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=49408, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), norm_num_groups=8, latent_channels=4)  # fmt: skip
+    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, tokenizer=tokenizer, tokenizer_2=tokenizer)
+    if family == "flux":
+        return FluxPipeline(
+            **parts, text_encoder=pipeline.text_encoder, text_encoder_2=t5, transformer=pipeline.transformer
+        )
+    encoders = dict(text_encoder=pipeline.text_encoder, text_encoder_2=pipeline.text_encoder_2, text_encoder_3=t5)
+    return StableDiffusion3Pipeline(**parts, **encoders, tokenizer_3=tokenizer, transformer=pipeline.transformer)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_cli_mix_inspect_and_fuse_a_full_pipeline(tmp_path, capsys, family):
+    from compose.__main__ import main
+
+    pipeline = full_pipeline(family)
+    base_dir = tmp_path / "base"
+    pipeline.save_pretrained(base_dir)
+    base_model = {"flux": "flux-1-dev", "sd3": "sd3.5-medium"}[family]
+    shapes = targets(pipeline, lambda n: True)
+    paths = []
+    for seed, export in ((1, "kohya"), (2, "diffusers")):
+        lora = random_lora(shapes, 2, seed=seed, base=base_model)
+        paths.append(save_lora(lora, tmp_path / f"{seed}.safetensors", export))
+    assert main(["inspect", str(paths[0]), "--base-model", base_model]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["base_model"] == base_model and "custom geometry" in info["base_model_decided_by"]
+    mixed = tmp_path / "mixed.safetensors"
+    flags = ["--base-model", base_model]
+    assert main(["mix", f"{paths[0]}=0.7", f"{paths[1]}=-0.3", "-o", str(mixed), *flags]) == 0
+    assert main(["mix", f"{paths[0]}=1", "-o", str(mixed), *flags]) == 2  # never overwrites
+    assert main(["fuse", str(mixed), "--base", str(base_dir), "--by", "0.5", "-o", str(tmp_path / "fused")]) == 0
+    capsys.readouterr()
+
+    expected = mix([load_lora(p, base_model) for p in paths], [0.35, -0.15])
+    fused = type(pipeline).from_pretrained(str(tmp_path / "fused"))
+    for component in components_of(pipeline):
+        before, after = getattr(pipeline, component).state_dict(), getattr(fused, component).state_dict()
+        for key, value in before.items():
+            name = canonical_name(f"{component}.{key.rsplit('.', 1)[0]}")
+            if key.endswith(".weight") and name in expected.modules:
+                delta = expected.modules[name].delta()
+                assert (after[key] - value - delta).norm() / delta.norm() < 1e-5, key
+            else:
+                assert torch.equal(after[key], value), key
