@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import platform
+import os
 import re
 import subprocess
 import tempfile
@@ -68,9 +68,12 @@ def main() -> None:
     parser.add_argument("--target-rank", type=int, default=16)
     parser.add_argument("--dtype", default="bf16", choices=("fp32", "fp16", "bf16"), help="of every file")
     parser.add_argument("--repeats", type=int, default=3, help="report the best of this many runs of each command")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"commit {commit}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")
+    print(f"commit {commit}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"load average at start: {os.getloadavg()[0]:.1f} (other processes on this machine)")
     print(
         f"inputs: 2 random rank-{args.rank} LoRAs ({args.dtype}); re-rank to {args.target_rank}; best of {args.repeats}"
     )
@@ -99,6 +102,7 @@ def main() -> None:
                 f"{t_scale / t_mix:.2f} | {t_mix_rank:.2f} | {t_mix_rank / t_mix:.2f} |",
                 flush=True,
             )
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 
 def count_modules(base: str) -> int:
