@@ -1,8 +1,12 @@
-"""Command line: ``python -m compose mix|scale|inspect``.
+"""Command line: ``python -m compose mix|scale|inspect|fuse``.
 
 python -m compose mix A.safetensors=0.7 B.safetensors=-0.3 -o mixed.safetensors [--rank R] [--format kohya]
 python -m compose scale IN -o OUT --by 0.5
 python -m compose inspect FILE
+python -m compose fuse LORA --base PIPELINE_DIR -o FUSED_DIR [--by 0.8]
+
+SD 1.x/2.x, SDXL, SD3/SD3.5 and FLUX.1; formats kohya, diffusers and (FLUX/SD3) original. The base model comes
+from the modules' geometry; ``--base-model`` chooses where several fit.
 """
 
 from __future__ import annotations

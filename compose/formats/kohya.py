@@ -5,6 +5,9 @@ Key grammar: ``<prefix>_<module name with every "." replaced by "_">`` + ``.lora
 
 * SD 1.x/2.x: prefixes ``lora_unet`` (diffusers UNet module names) and ``lora_te``.
 * SDXL: ``lora_unet`` with Stability (SGM) UNet names (``input_blocks_4_1_...``), ``lora_te1`` and ``lora_te2``.
+* FLUX.1 / SD3: ``lora_unet`` with the original checkpoint names (``double_blocks_0_img_attn_qkv``,
+  ``single_blocks_0_linear1``, ``joint_blocks_0_x_block_attn_qkv``; fused projections, see ``original.py``), as
+  sd-scripts writes them and ComfyUI, Forge and diffusers read them; ``lora_te1`` (CLIP-L), ``lora_te2`` (CLIP-G).
   Writing SGM names, never a mix of both schemes, is what every UI loads (diffusers drops SGM keys mixed with
   diffusers names; InvokeAI refuses the mix).
 
