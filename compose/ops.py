@@ -93,33 +93,43 @@ class EnergyReport:
     overall: float
 
 
-def _orthonormal_basis(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W, R)`` for a float64 ``factor`` [n, r] with ``Q = factor @ W`` orthonormal and ``factor = Q @ R``, from the
-    eigen-decomposition of the r x r Gram matrix (a thin QR at the cost of one ``n * r^2`` product). Directions
-    whose singular value is below float64 precision of the largest carry no energy and are dropped."""
-    eigenvalues, vectors = torch.linalg.eigh(factor.T @ factor)
-    floor = float(eigenvalues.max().clamp_min(0)) * factor.shape[1] * torch.finfo(torch.float64).eps
+def _orthonormal_bases(factors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, R)``, batched over float64 ``factors`` [n_i, r], with ``Q_i = factor_i @ W_i`` orthonormal and
+    ``factor_i = Q_i @ R_i``: a thin QR from the eigen-decomposition of the r x r Gram matrices (one ``n * r^2``
+    product each, one batched ``eigh`` for all). Directions whose singular value is below float64 precision of the
+    largest carry no energy: their columns of W and rows of R are zero."""
+    eigenvalues, vectors = torch.linalg.eigh(torch.stack([f.T @ f for f in factors]))
+    rank = eigenvalues.shape[1]
+    floor = eigenvalues.amax(dim=1, keepdim=True).clamp_min(0) * rank * torch.finfo(torch.float64).eps
     keep = eigenvalues > floor
-    root = eigenvalues[keep].sqrt()
-    return vectors[:, keep] / root, root[:, None] * vectors[:, keep].T
+    root = torch.where(keep, eigenvalues, 1.0).sqrt()
+    inverse = torch.where(keep, 1 / root, 0.0)
+    return vectors * inverse[:, None, :], (root * keep)[:, :, None] * vectors.transpose(1, 2)
 
 
-def _rerank_factors(module: LoRAModule, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(up, down, singular values)``: the best rank-``rank`` factors of the module's delta (up carries the left
-    singular vectors times the root of the singular values, down the rest) and all its singular values.
+def _rerank_group(modules: list[LoRAModule], rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(up, down, singular values)`` per module of one rank: the best rank-``rank`` factors of each delta (up
+    carries the left singular vectors times the root of the singular values, down the rest) and all its singular
+    values.
 
     ``s * up @ down = Qu (s * Ru @ Rd^T) Qd^T`` with thin QRs of both factors, and the small core's SVD gives the
-    delta's: the cost grows with ``(in + out) * r^2``, never with ``in * out``.
+    delta's: the cost grows with ``(in + out) * r^2``, never with ``in * out``; the r x r problems of all modules
+    of a rank are solved in one batch.
     """
-    up, down = module.up.flatten(1).double(), module.down.flatten(1).double()
-    w_up, r_up = _orthonormal_basis(up)
-    w_down, r_down = _orthonormal_basis(down.T)
-    u, s, vh = torch.linalg.svd(module.scale * r_up @ r_down.T, full_matrices=False)
-    if s.numel() == 0:  # a zero delta: one zero component keeps the module in the file
-        return torch.zeros(up.shape[0], 1, dtype=up.dtype), torch.zeros(1, down.shape[1], dtype=up.dtype), s
-    k = min(rank, s.numel())
-    root = s[:k].sqrt()
-    return up @ (w_up @ (u[:, :k] * root)), ((root[:, None] * vh[:k]) @ w_down.T) @ down, s
+    ups = [m.up.flatten(1).double() for m in modules]
+    downs = [m.down.flatten(1).double() for m in modules]
+    w_up, r_up = _orthonormal_bases(ups)
+    w_down, r_down = _orthonormal_bases([d.T for d in downs])
+    scales = torch.tensor([m.scale for m in modules], dtype=torch.float64)[:, None, None]
+    u, s, vh = torch.linalg.svd(scales * r_up @ r_down.transpose(1, 2))
+    results = []
+    for i, (up, down) in enumerate(zip(ups, downs, strict=True)):
+        k = min(rank, *up.shape, down.shape[1])
+        root = s[i, :k].sqrt()
+        new_up = up @ (w_up[i] @ (u[i, :, :k] * root))
+        new_down = ((root[:, None] * vh[i, :k]) @ w_down[i].T) @ down
+        results.append((new_up, new_down, s[i]))
+    return results
 
 
 def svd_rerank(lora: LoRA, rank: int) -> tuple[LoRA, EnergyReport]:
@@ -134,7 +144,12 @@ def svd_rerank(lora: LoRA, rank: int) -> tuple[LoRA, EnergyReport]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # r x r problems are too small to share: thread hand-offs cost 20x on a busy CPU
     try:
-        factors = {name: _rerank_factors(module, rank) for name, module in lora.modules.items()}
+        by_rank: dict[int, list[str]] = {}
+        for name, module in lora.modules.items():
+            by_rank.setdefault(module.rank, []).append(name)
+        factors = {}
+        for names in by_rank.values():
+            factors.update(zip(names, _rerank_group([lora.modules[n] for n in names], rank), strict=True))
     finally:
         torch.set_num_threads(threads)
     for name, module in lora.modules.items():
