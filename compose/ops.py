@@ -93,12 +93,17 @@ class EnergyReport:
     overall: float
 
 
-def _orthonormal_bases(factors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W, R)``, batched over float64 ``factors`` [n_i, r], with ``Q_i = factor_i @ W_i`` orthonormal and
-    ``factor_i = Q_i @ R_i``: a thin QR from the eigen-decomposition of the r x r Gram matrices (one ``n * r^2``
-    product each, one batched ``eigh`` for all). Directions whose singular value is below float64 precision of the
-    largest carry no energy: their columns of W and rows of R are zero."""
-    eigenvalues, vectors = torch.linalg.eigh(torch.stack([f.T @ f for f in factors]))
+def _gram(factor: torch.Tensor) -> torch.Tensor:
+    """``factor^T @ factor`` in float64 for a factor [n, r] (float64 keeps the small directions of the thin QR)."""
+    factor = factor.double()
+    return factor.T @ factor
+
+
+def _orthonormal_bases(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, R)`` for a batch of r x r Gram matrices ``F_i^T F_i``: ``Q_i = F_i @ W_i`` is orthonormal and
+    ``F_i = Q_i @ R_i`` (a thin QR of each factor, from one batched ``eigh``). Directions whose singular value is
+    below float64 precision of the largest carry no energy: their columns of W and rows of R are zero."""
+    eigenvalues, vectors = torch.linalg.eigh(grams)
     rank = eigenvalues.shape[1]
     floor = eigenvalues.amax(dim=1, keepdim=True).clamp_min(0) * rank * torch.finfo(torch.float64).eps
     keep = eigenvalues > floor
@@ -114,20 +119,19 @@ def _rerank_group(modules: list[LoRAModule], rank: int) -> list[tuple[torch.Tens
 
     ``s * up @ down = Qu (s * Ru @ Rd^T) Qd^T`` with thin QRs of both factors, and the small core's SVD gives the
     delta's: the cost grows with ``(in + out) * r^2``, never with ``in * out``; the r x r problems of all modules
-    of a rank are solved in one batch.
+    of a rank are solved in one batch (float64), the factors multiplied in float32, the precision they are kept in.
     """
-    ups = [m.up.flatten(1).double() for m in modules]
-    downs = [m.down.flatten(1).double() for m in modules]
-    w_up, r_up = _orthonormal_bases(ups)
-    w_down, r_down = _orthonormal_bases([d.T for d in downs])
+    w_up, r_up = _orthonormal_bases(torch.stack([_gram(m.up.flatten(1)) for m in modules]))
+    w_down, r_down = _orthonormal_bases(torch.stack([_gram(m.down.flatten(1).T) for m in modules]))
     scales = torch.tensor([m.scale for m in modules], dtype=torch.float64)[:, None, None]
     u, s, vh = torch.linalg.svd(scales * r_up @ r_down.transpose(1, 2))
     results = []
-    for i, (up, down) in enumerate(zip(ups, downs, strict=True)):
+    for i, module in enumerate(modules):
+        up, down = module.up.flatten(1).float(), module.down.flatten(1).float()
         k = min(rank, *up.shape, down.shape[1])
         root = s[i, :k].sqrt()
-        new_up = up @ (w_up[i] @ (u[i, :, :k] * root))
-        new_down = ((root[:, None] * vh[i, :k]) @ w_down[i].T) @ down
+        new_up = up @ (w_up[i] @ (u[i, :, :k] * root)).float()
+        new_down = ((root[:, None] * vh[i, :k]) @ w_down[i].T).float() @ down
         results.append((new_up, new_down, s[i]))
     return results
 
