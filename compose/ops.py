@@ -101,8 +101,9 @@ def _gram(factor: torch.Tensor) -> torch.Tensor:
 
 def _orthonormal_bases(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W, R)`` for a batch of r x r Gram matrices ``F_i^T F_i``: ``Q_i = F_i @ W_i`` is orthonormal and
-    ``F_i = Q_i @ R_i`` (a thin QR of each factor, from one batched ``eigh``). Directions whose singular value is
-    below float64 precision of the largest carry no energy: their columns of W and rows of R are zero."""
+    ``F_i = Q_i @ R_i`` (a thin QR of each factor, R not triangular, from one batched ``eigh``). Directions whose
+    singular value is below float64 precision of the largest carry no energy: their columns of W and rows of R are
+    zero."""
     eigenvalues, vectors = torch.linalg.eigh(grams)
     rank = eigenvalues.shape[1]
     floor = eigenvalues.amax(dim=1, keepdim=True).clamp_min(0) * rank * torch.finfo(torch.float64).eps
@@ -117,22 +118,27 @@ def _rerank_group(modules: list[LoRAModule], rank: int) -> list[tuple[torch.Tens
     carries the left singular vectors times the root of the singular values, down the rest) and all its singular
     values.
 
-    ``s * up @ down = Qu (s * Ru @ Rd^T) Qd^T`` with thin QRs of both factors, and the small core's SVD gives the
-    delta's: the cost grows with ``(in + out) * r^2``, never with ``in * out``; the r x r problems of all modules
-    of a rank are solved in one batch (float64), the factors multiplied in float32, the precision they are kept in.
+    With a thin QR ``up = Q R``, the delta ``M = s * up @ down`` has ``M M^T = Q C Q^T``, ``C = s^2 R (down
+    down^T) R^T`` (r x r): the eigenvectors U of C give M's left singular vectors ``Q U``, its eigenvalues the
+    squared singular values, and ``V^T = U^T R (s * down) / sigma``. The cost grows with ``(in + out) * r^2``, never
+    with ``in * out``; the r x r problems of all modules of a rank are solved in float64 batches, the factors
+    multiplied in float32, the precision they are kept in.
     """
     w_up, r_up = _orthonormal_bases(torch.stack([_gram(m.up.flatten(1)) for m in modules]))
-    w_down, r_down = _orthonormal_bases(torch.stack([_gram(m.down.flatten(1).T) for m in modules]))
-    scales = torch.tensor([m.scale for m in modules], dtype=torch.float64)[:, None, None]
-    u, s, vh = torch.linalg.svd(scales * r_up @ r_down.transpose(1, 2))
+    gram_down = torch.stack([_gram(m.down.flatten(1).T) for m in modules])
+    scales = torch.tensor([m.scale for m in modules], dtype=torch.float64)
+    eigenvalues, vectors = torch.linalg.eigh(scales[:, None, None] ** 2 * r_up @ gram_down @ r_up.transpose(1, 2))
+    singular = eigenvalues.flip(1).clamp_min(0).sqrt()  # descending
+    vectors = vectors.flip(2)
     results = []
     for i, module in enumerate(modules):
         up, down = module.up.flatten(1).float(), module.down.flatten(1).float()
         k = min(rank, *up.shape, down.shape[1])
-        root = s[i, :k].sqrt()
-        new_up = up @ (w_up[i] @ (u[i, :, :k] * root)).float()
-        new_down = ((root[:, None] * vh[i, :k]) @ w_down[i].T).float() @ down
-        results.append((new_up, new_down, s[i]))
+        root = singular[i, :k].sqrt()
+        inverse = torch.where(root > 0, scales[i] / root.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        new_up = up @ (w_up[i] @ (vectors[i, :, :k] * root)).float()
+        new_down = (inverse[:, None] * (vectors[i, :, :k].T @ r_up[i])).float() @ down
+        results.append((new_up, new_down, singular[i]))
     return results
 
 

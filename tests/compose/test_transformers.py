@@ -269,3 +269,17 @@ def test_cli_mix_inspect_and_fuse_a_full_pipeline(tmp_path, capsys, family):
                 assert (after[key] - value - delta).norm() / delta.norm() < 1e-5, key
             else:
                 assert torch.equal(after[key], value), key
+
+
+def test_mixing_families_is_refused_naming_both(tmp_path, capsys):
+    from compose.__main__ import main
+
+    flux = {n: s for n, s in module_shapes("flux-1-dev").items() if n.endswith("single_transformer_blocks.0.proj_out")}
+    sdxl = {n: s for n, s in module_shapes("sdxl_base_v1-0").items() if n.endswith("up_blocks.0.attentions.0.proj_in")}
+    a = save_lora(random_lora(flux, 2, seed=0), tmp_path / "flux.safetensors", "diffusers")
+    b = save_lora(random_lora(sdxl, 2, seed=1), tmp_path / "sdxl.safetensors", "diffusers")
+    assert load_lora(a).base_model == "flux-1-dev" and load_lora(b).base_model == "sdxl_base_v1-0"
+    assert main(["mix", f"{a}=1", f"{b}=1", "-o", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"different base models: .*flux\.safetensors \(flux-1-dev\) and .*sdxl\.safetensors \(sdxl", err)
+    assert not (tmp_path / "m.safetensors").exists()
