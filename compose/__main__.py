@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             lora = load_lora(args.file, args.base_model)
-            info = {"format": detect(args.file), **lora.summary(), "metadata": lora.metadata}
+            family = BASE_MODELS[lora.base_model].family if lora.base_model else None
+            info = {"format": detect(args.file), "family": family, **lora.summary(), "metadata": lora.metadata}
             print(json.dumps(info, indent=2, default=str))
         elif args.command == "fuse":
             path = fuse_into_pipeline(mix([load_lora(args.lora, args.base_model)], [args.by]), args.base, args.output)

@@ -134,7 +134,7 @@ def header_for(lora: LoRA, path: Path, kind: str, today: datetime.date) -> dict[
     dim = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
     base = BASE_MODELS[lora.base_model or FAMILY_DEFAULT[kind]]
     return {
-        "ss_network_module": "networks.lora_flux" if kind == "flux" else "networks.lora",
+        "ss_network_module": {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}.get(kind, "networks.lora"),
         "ss_network_dim": dim,
         "ss_network_alpha": dim,
         "ss_base_model_version": base.kohya_version,

@@ -154,6 +154,7 @@ def test_base_model_is_inferred_from_the_geometry(tmp_path, capsys):
     source = save_lora(sdxl, tmp_path / "sdxl", "diffusers")
     assert main(["inspect", str(source)]) == 0
     info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "sdxl" and info["format"] == "diffusers"
     assert (
         info["base_model"] == "sdxl_base_v1-0"
         and "only sdxl_base_v1-0 has these 22 modules" in info["base_model_decided_by"]

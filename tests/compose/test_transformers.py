@@ -251,6 +251,7 @@ def test_cli_mix_inspect_and_fuse_a_full_pipeline(tmp_path, capsys, family):
     assert main(["inspect", str(paths[0]), "--base-model", base_model]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["base_model"] == base_model and "custom geometry" in info["base_model_decided_by"]
+    assert info["format"] == "kohya" and info["family"] == family
     mixed = tmp_path / "mixed.safetensors"
     flags = ["--base-model", base_model]
     assert main(["mix", f"{paths[0]}=0.7", f"{paths[1]}=-0.3", "-o", str(mixed), *flags]) == 0
