@@ -1,7 +1,8 @@
 """The in-memory LoRA: per target module, the two factors and the scale, keyed by the module's base-model name.
 
 A module name is the component followed by the diffusers module path, e.g.
-``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` or
+``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``, ``transformer.transformer_blocks.0.attn.to_q``
+(SD3, FLUX) or
 ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``. Every reader produces this and every writer
 consumes it, so formats only translate names and the scale convention.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 def canonical_name(name: str) -> str:
@@ -74,8 +75,14 @@ class LoRA:
 
     modules: dict[str, LoRAModule]
     base_model: str | None = None
-    """``sd_v1``, ``sd_v2``, ``sdxl_base_v1-0`` (kohya's ``ss_base_model_version`` values) or ``None``."""
+    """A ``compose.geometry.BASE_MODELS`` id (``sd_v1``, ``sdxl_base_v1-0``, ``flux-1-dev``...) or ``None``."""
     metadata: dict[str, str] = field(default_factory=dict)
+    candidates: tuple[str, ...] = ()
+    """Base models whose geometry fits the modules (empty: not inferred, or a custom geometry)."""
+    base_model_reason: str = ""
+    """How ``base_model`` was decided, for ``inspect``."""
+    source: str | None = None
+    """The file it was read from, for messages."""
 
     def __post_init__(self) -> None:
         self.modules = {canonical_name(name): module for name, module in self.modules.items()}
@@ -94,4 +101,11 @@ class LoRA:
         for name in self.modules:
             component = name.split(".", 1)[0]
             per_component[component] = per_component.get(component, 0) + 1
-        return {"base_model": self.base_model, "modules": per_component, "ranks": ranks, "alphas": alphas}
+        return {
+            "base_model": self.base_model,
+            "base_model_decided_by": self.base_model_reason,
+            "geometry_fits": list(self.candidates),
+            "modules": per_component,
+            "ranks": ranks,
+            "alphas": alphas,
+        }

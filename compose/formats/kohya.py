@@ -5,6 +5,9 @@ Key grammar: ``<prefix>_<module name with every "." replaced by "_">`` + ``.lora
 
 * SD 1.x/2.x: prefixes ``lora_unet`` (diffusers UNet module names) and ``lora_te``.
 * SDXL: ``lora_unet`` with Stability (SGM) UNet names (``input_blocks_4_1_...``), ``lora_te1`` and ``lora_te2``.
+* FLUX.1 / SD3: ``lora_unet`` with the original checkpoint names (``double_blocks_0_img_attn_qkv``,
+  ``single_blocks_0_linear1``, ``joint_blocks_0_x_block_attn_qkv``; fused projections, see ``original.py``), as
+  sd-scripts writes them and ComfyUI, Forge and diffusers read them; ``lora_te1`` (CLIP-L), ``lora_te2`` (CLIP-G).
   Writing SGM names, never a mix of both schemes, is what every UI loads (diffusers drops SGM keys mixed with
   diffusers names; InvokeAI refuses the mix).
 
@@ -23,44 +26,20 @@ import torch
 from safetensors.torch import save_file
 
 from compose.files import atomic_write
-from compose.formats import export_dtype, read_safetensors, refuse_unsupported
+from compose.formats import checked_module, clean_metadata, export_dtype, read_safetensors, refuse_unsupported
+from compose.formats.original import family_of_names, fuse, name_table, original_module, write_tensors
+from compose.geometry import BASE_MODELS, TEXT_ENCODER_TARGETS, TEXT_ENCODERS, UNET_CONFIGS
 from compose.lora import LoRA, LoRAModule
 
 PREFIXES = {
     "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    "sd3": {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    "flux": {"transformer": "lora_unet", "text_encoder": "lora_te1"},
 }
-TEXT_ENCODER_LAYERS = {"text_encoder": 32, "text_encoder_2": 32}
-"""Upper bounds on CLIP text-encoder depth (CLIP-L 12, OpenCLIP-H in SD 2 23, OpenCLIP-bigG in SDXL 32)."""
-TEXT_ENCODER_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
-TEXT_ENCODER_TARGETS += ("mlp.fc1", "mlp.fc2")
 TEXT_ENCODER_LAYER = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
-HEADERS = {
-    "sd_v1": ("stable-diffusion-v1/lora", "diffusers"),
-    "sd_v2": ("stable-diffusion-v2-512/lora", "diffusers"),
-    "sdxl_base_v1-0": ("stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models"),
-}
-UNET_CONFIGS = {
-    "sd": dict(
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-    ),
-    "sdxl": dict(
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    ),
-}
-"""The real SD 1.5 (same module names as SD 2.x) and SDXL base UNet configurations."""
+GEOMETRY = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+"""The geometry whose module names a family's kohya names are read against (SD 2.x has SD 1.5's names)."""
 
 
 @functools.cache
@@ -112,20 +91,70 @@ def sgm_name(path: str) -> str:
     raise ValueError(f"SDXL UNet module {path!r} has no Stability-style name")
 
 
+FAMILY_DEFAULT = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3-medium", "flux": "flux-1-dev"}
+"""The base model a custom geometry's file is labelled with, per family."""
+
+
 def family(lora: LoRA) -> str:
-    """``sdxl`` or ``sd`` (SD 1.x/2.x), from the recorded base model or else the module names."""
+    """``sd`` (SD 1.x/2.x), ``sdxl``, ``sd3`` or ``flux``, from the base model or else (a custom geometry) the
+    module names."""
     if lora.base_model:
-        return "sdxl" if lora.base_model.startswith("sdxl") else "sd"
+        return BASE_MODELS[lora.base_model].family
+    if lora.candidates:
+        raise ValueError(
+            f"the base model is ambiguous: the LoRA's modules fit {', '.join(lora.candidates)}, and a kohya file "
+            f"names its base model for the UIs; pass --base-model"
+        )
     names = list(lora.modules)
+    if any(n.startswith("transformer.") for n in names):
+        return transformer_family(lora)
     sdxl_only = re.compile(r"^(text_encoder_2\.|unet\.(add_embedding|.*transformer_blocks\.[1-9]))")
     return "sdxl" if any(sdxl_only.match(n) for n in names) else "sd"
 
 
+def transformer_family(lora: LoRA) -> str:
+    """``flux`` or ``sd3`` for a LoRA on a transformer: its base model, or names only one of them has."""
+    if lora.base_model and BASE_MODELS[lora.base_model].family in ("flux", "sd3"):
+        return BASE_MODELS[lora.base_model].family
+    flux_only = re.compile(r"^transformer\.(single_transformer_blocks|x_embedder|time_text_embed\.guidance)")
+    sd3_only = re.compile(r"^transformer\.(pos_embed|.*\.attn2\.)")
+    if any(flux_only.match(n) for n in lora.modules):
+        return "flux"
+    if any(sd3_only.match(n) for n in lora.modules):
+        return "sd3"
+    raise ValueError(
+        "cannot tell whether this transformer LoRA is for FLUX.1 or SD3 (its modules fit no known geometry and "
+        "exist in both); pass --base-model"
+    )
+
+
+def header_for(lora: LoRA, path: Path, kind: str, today: datetime.date) -> dict[str, str]:
+    """kohya-ss / model-spec header: what AUTOMATIC1111, Forge and ComfyUI read to list and label the file."""
+    ranks = sorted({m.rank for m in lora.modules.values()})
+    dim = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
+    base = BASE_MODELS[lora.base_model or FAMILY_DEFAULT[kind]]
+    return {
+        "ss_network_module": {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}.get(kind, "networks.lora"),
+        "ss_network_dim": dim,
+        "ss_network_alpha": dim,
+        "ss_base_model_version": base.kohya_version,
+        "ss_v2": str(base.name == "sd_v2"),
+        "ss_output_name": path.stem,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": base.architecture,
+        "modelspec.implementation": base.implementation,
+        "modelspec.title": path.stem,
+        "modelspec.date": today.isoformat(),
+    }
+
+
 def kohya_name(module: str, kind: str) -> str:
     """``unet.down_blocks.0...to_q`` -> ``lora_unet_down_blocks_0_..._to_q`` (SDXL UNet: SGM names)."""
+    if kind in ("flux", "sd3") and not module.startswith("text_encoder"):
+        return f"lora_unet_{module.replace('.', '_')}"  # an original (BFL / Stability) name, from fuse()
     component, path = module.split(".", 1)
     if component not in PREFIXES[kind]:
-        raise ValueError(f"module {module}: an SD 1.x/2.x LoRA has no {component}; is this an SDXL LoRA?")
+        raise ValueError(f"module {module}: a {kind.upper()} LoRA has no {component}; is the base model right?")
     if component == "unet" and kind == "sdxl":
         path = sgm_name(path)
     elif component != "unet" and not TEXT_ENCODER_LAYER.fullmatch(path):
@@ -143,11 +172,11 @@ def known_modules(kind: str) -> dict[str, str]:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**UNET_CONFIGS[kind])
+        unet = UNet2DConditionModel(**UNET_CONFIGS[GEOMETRY[kind]])
     names = [f"unet.{n}" for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     for component in PREFIXES[kind]:
         if component != "unet":
-            for layer in range(TEXT_ENCODER_LAYERS[component]):
+            for layer in range(max(layers for _, _, layers in TEXT_ENCODERS.values())):
                 names += [f"{component}.text_model.encoder.layers.{layer}.{leaf}" for leaf in TEXT_ENCODER_TARGETS]
     return {kohya_name(n, kind): n for n in names}
 
@@ -179,6 +208,7 @@ def diffusers_unet_name(stem: str) -> str | None:
 
 def read(path: Path) -> LoRA:
     tensors, header = read_safetensors(path)
+    header = clean_metadata(header, path)
     refuse_unsupported(tensors, path)
     stems: dict[str, dict] = {}
     for key, tensor in tensors.items():
@@ -186,6 +216,9 @@ def read(path: Path) -> LoRA:
         if leaf not in ("lora_down.weight", "lora_up.weight", "alpha"):
             raise ValueError(f"{path}: unexpected key {key!r} (expected .lora_down.weight, .lora_up.weight, .alpha)")
         stems.setdefault(stem, {})[leaf] = tensor
+    transformer = family_of_names(s.removeprefix("lora_unet_") for s in stems if s.startswith("lora_unet_"))
+    if transformer:
+        return read_transformer(path, stems, transformer, header)
     sgm = re.compile(r"^lora_(te[12]_|unet_(input_blocks|middle_block|output_blocks|label_emb)_)")
     kind = "sdxl" if header.get("ss_base_model_version", "").startswith("sdxl") or any(map(sgm.match, stems)) else "sd"
     known = known_modules(kind)
@@ -201,9 +234,41 @@ def read(path: Path) -> LoRA:
             raise ValueError(f"{path}: module {stem} lacks its lora_down or lora_up weight")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
-        modules[name] = LoRAModule(down, up, alpha)
-    base = header.get("ss_base_model_version") or ("sdxl_base_v1-0" if kind == "sdxl" else None)
-    return LoRA(modules, base_model=base, metadata=header)
+        modules[name] = checked_module(path, stem, down, up, alpha)
+    return LoRA(modules, metadata=header)
+
+
+@functools.cache
+def transformer_names(kind: str) -> dict[str, str]:
+    """kohya name -> original module name (transformer) or module name (text encoders) for FLUX.1 / SD3."""
+    names = {f"lora_unet_{original.replace('.', '_')}": original for original in name_table(kind)}
+    width = max(layers for _, _, layers in TEXT_ENCODERS.values())
+    for component, prefix in PREFIXES[kind].items():
+        if component != "transformer":
+            for layer in range(width):
+                for leaf in TEXT_ENCODER_TARGETS:
+                    path = f"text_model.encoder.layers.{layer}.{leaf}"
+                    names[f"{prefix}_{path.replace('.', '_')}"] = f"{component}.{path}"
+    return names
+
+
+def read_transformer(path: Path, stems: dict[str, dict], kind: str, header: dict[str, str]) -> LoRA:
+    """A FLUX.1 / SD3 kohya file: original names (fused layers split exactly) and CLIP text encoders."""
+    names = transformer_names(kind)
+    modules: dict[str, LoRAModule] = {}
+    for stem, parts in stems.items():
+        name = names.get(stem)
+        if name is None:
+            raise ValueError(f"{path}: {stem!r} is not a {kind.upper()} module name under the kohya grammar")
+        if name.startswith("text_encoder"):
+            if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+                raise ValueError(f"{path}: module {stem} lacks its lora_down or lora_up weight")
+            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+            alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
+            modules[name] = checked_module(path, stem, down, up, alpha)
+        else:
+            modules.update(original_module(path, name, parts, kind, label=stem))
+    return LoRA(modules, metadata=header)
 
 
 def complete_attention(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
@@ -224,32 +289,11 @@ def complete_attention(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
 
 
 def write(lora: LoRA, path: Path, dtype: str = "fp32", recipe: str | None = None) -> None:
-    cast = export_dtype(dtype)
     kind = family(lora)
-    tensors = {}
-    for name, module in complete_attention(lora.modules).items():
-        stem = kohya_name(name, kind)
-        balanced = module.balanced(cast)
-        tensors[f"{stem}.lora_down.weight"] = balanced.down.contiguous()
-        tensors[f"{stem}.lora_up.weight"] = balanced.up.contiguous()
-        tensors[f"{stem}.alpha"] = torch.tensor(float(balanced.rank), dtype=cast)
-    ranks = sorted({m.rank for m in lora.modules.values()})
-    dim = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
-    base = lora.base_model or ("sdxl_base_v1-0" if kind == "sdxl" else "sd_v1")
-    architecture, implementation = HEADERS.get(base, HEADERS["sd_v1"])
-    header = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": dim,
-        "ss_network_alpha": dim,
-        "ss_base_model_version": base,
-        "ss_v2": str(base.startswith("sd_v2")),
-        "ss_output_name": path.stem,
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": architecture,
-        "modelspec.implementation": implementation,
-        "modelspec.title": path.stem,
-        "modelspec.date": datetime.date.today().isoformat(),
-    }
+    # FLUX / SD3: the transformer under original names (fused projections). SD: A1111's attention completed.
+    modules = fuse(lora.modules, kind) if kind in ("flux", "sd3") else complete_attention(lora.modules)
+    tensors = write_tensors(modules, lambda name: kohya_name(name, kind), export_dtype(dtype))
+    header = header_for(lora, path, kind, datetime.date.today())
     if recipe:
         header["draft.merge_recipe"] = recipe
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))

@@ -217,10 +217,11 @@ def test_refuses_adapters_that_are_not_plain_lora(tmp_path, key, kind):
 def test_refuses_mismatched_base_models():
     a = LoRA({"unet.a.to_q": random_module((16, 8), 2, 2.0, 0)})
     b = LoRA({"unet.a.to_q": random_module((32, 8), 2, 2.0, 1)})
-    with pytest.raises(ValueError, match=r"module unet\.a\.to_q has weight shape \(16, 8\) in one LoRA and \(32, 8\)"):
+    with pytest.raises(ValueError, match=r"module unet\.a\.to_q has weight shape \(16, 8\) in LoRA #1 and \(32, 8\)"):
         mix([a, b], [1, 1])
-    with pytest.raises(ValueError, match="different base models"):
-        mix([LoRA({}, base_model="sd_v1"), LoRA({}, base_model="sdxl_base_v1-0")], [1, 1])
+    sd, sdxl = LoRA({}, base_model="sd_v1", source="a.safetensors"), LoRA({}, base_model="sdxl_base_v1-0")
+    with pytest.raises(ValueError, match=r"different base models: a\.safetensors \(sd_v1\) and LoRA #2 \(sdxl_base"):
+        mix([sd, sdxl], [1, 1])
 
 
 def test_corrupt_and_unknown_files(tmp_path):

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from compose.formats import load_lora, save_lora
-from compose.formats.kohya import UNET_CONFIGS
+from compose.geometry import UNET_CONFIGS
 from compose.lora import LoRA, LoRAModule, canonical_name
 
 ATTENTION = r"(proj_in|proj_out|transformer_blocks_0_(attn[12]_(to_q|to_k|to_v|to_out_0)|ff_net_0_proj|ff_net_2))"
@@ -43,7 +43,7 @@ def rank_one(shape):
 
 def test_sd15_every_module_exports_to_an_accepted_kohya_name(tmp_path):
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**UNET_CONFIGS["sd"])
+        unet = UNet2DConditionModel(**UNET_CONFIGS["sd_v1"])
         text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                             num_attention_heads=12, vocab_size=49408))  # fmt: skip
     shapes = {canonical_name(n): s for n, s in [*targetable(unet, "unet"), *targetable(text, "text_encoder")]}
@@ -90,7 +90,7 @@ def test_sdxl_every_module_exports_to_an_accepted_kohya_name(tmp_path):
     from transformers import CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**UNET_CONFIGS["sdxl"])  # the real SDXL base geometry
+        unet = UNet2DConditionModel(**UNET_CONFIGS["sdxl_base_v1-0"])  # the real SDXL base geometry
         text_1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                               num_attention_heads=12, vocab_size=49408))  # fmt: skip
         text_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
