@@ -15,12 +15,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from compose.formats import detect, load_lora, save_lora
-from compose.fuse import fuse_into_pipeline
 from compose.geometry import BASE_MODELS
-from compose.lora import LoRA
-from compose.ops import mix, svd_rerank
+
+if TYPE_CHECKING:
+    from compose.lora import LoRA
 
 
 def parse_weighted(spec: str) -> tuple[Path, float]:
@@ -35,6 +35,9 @@ def parse_weighted(spec: str) -> tuple[Path, float]:
 
 
 def write(lora: LoRA, args: argparse.Namespace, inputs: list[Path], recipe: dict) -> None:
+    from compose.formats import save_lora
+    from compose.ops import svd_rerank
+
     output = Path(args.output)
     if not args.overwrite and any(output.resolve() == p.resolve() for p in inputs):
         raise ValueError(f"output {output} is one of the inputs; pass --overwrite to replace it")
@@ -87,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("file", type=Path)
     add_base_model(inspect)
     args = parser.parse_args(argv)
+    # Imported after the arguments are parsed: --help and argument errors do not load torch.
+    from compose.formats import detect, load_lora
+    from compose.fuse import fuse_into_pipeline
+    from compose.ops import mix
 
     try:
         if args.command == "inspect":

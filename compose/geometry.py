@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a geometry is built, so the CLI's --help stays light
+    import torch
 
-from compose.lora import LoRA
+    from compose.lora import LoRA
 
 STABILITY = "https://github.com/Stability-AI/generative-models"
 BFL = "https://github.com/black-forest-labs/flux"
@@ -142,6 +144,8 @@ def text_encoder_shapes(component: str, encoder: str) -> dict[str, tuple[int, ..
 
 
 def _linear_shapes(model: torch.nn.Module, component: str) -> dict[str, tuple[int, ...]]:
+    import torch
+
     layers = (torch.nn.Linear, torch.nn.Conv2d)
     return {f"{component}.{n}": tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, layers)}
 
@@ -149,6 +153,7 @@ def _linear_shapes(model: torch.nn.Module, component: str) -> dict[str, tuple[in
 @functools.cache
 def denoiser_shapes(base: str) -> dict[str, tuple[int, ...]]:
     """``unet.<name>`` or ``transformer.<name>`` -> weight shape, for every Linear/Conv2d of the real denoiser."""
+    import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     with torch.device("meta"):

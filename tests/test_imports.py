@@ -11,6 +11,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -99,3 +100,16 @@ def test_the_check_sees_lazy_and_undeclared_imports(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text("import numpy\n\ndef plot():\n    import matplotlib.pyplot as plt\n    from os import path\n")
     assert third_party_imports(source) == [("numpy", True), ("matplotlib", False)]
+
+
+@pytest.mark.parametrize("cli", ["finetune", "rewards", "compose"])
+def test_cli_help_imports_nothing_heavy(cli):
+    """``python -m CLI --help`` answers without loading torch or the model libraries (about 0.2 s, not seconds)."""
+    probe = (
+        f"import runpy, sys; sys.argv = ['{cli}', '--help']\n"
+        f"try:\n    runpy.run_module('{cli}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'open_clip') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert "usage: python -m" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"
