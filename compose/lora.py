@@ -24,6 +24,11 @@ def canonical_name(name: str) -> str:
     return name
 
 
+TRAINED_ON = "ss_sd_model_name"
+"""Metadata key (kohya's) naming the model a LoRA was trained on: the trainer records it, mixes of LoRAs that agree
+on it keep it, and kohya exports carry it."""
+
+
 @dataclass
 class LoRAModule:
     """``delta = alpha / rank * up @ down`` for one target module (computed in float32).

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compose.lora import LoRA, LoRAModule
+from compose.lora import TRAINED_ON, LoRA, LoRAModule
 
 
 def _label(lora: LoRA, index: int) -> str:
@@ -75,7 +75,9 @@ def mix(loras: Sequence[LoRA], weights: Sequence[float]) -> LoRA:
             modules[name] = LoRAModule(down, up, alpha=float(down.shape[0]))
     reasons = {lora.base_model_reason for lora in loras if lora.base_model == base and base}
     reason = f"the inputs' ({'; '.join(sorted(reasons))})" if reasons else ""
-    return LoRA(modules, base_model=base, candidates=candidates, base_model_reason=reason)
+    trained_on = {lora.metadata.get(TRAINED_ON) for lora in loras}
+    metadata = {TRAINED_ON: trained_on.pop()} if len(trained_on) == 1 and None not in trained_on else {}
+    return LoRA(modules, base_model=base, metadata=metadata, candidates=candidates, base_model_reason=reason)
 
 
 def scale(lora: LoRA, by: float) -> LoRA:

@@ -29,7 +29,7 @@ from compose.files import atomic_write
 from compose.formats import checked_module, clean_metadata, export_dtype, read_safetensors, refuse_unsupported
 from compose.formats.original import family_of_names, fuse, name_table, original_module, write_tensors
 from compose.geometry import BASE_MODELS, TEXT_ENCODER_TARGETS, TEXT_ENCODERS, UNET_CONFIGS
-from compose.lora import LoRA, LoRAModule
+from compose.lora import TRAINED_ON, LoRA, LoRAModule
 
 PREFIXES = {
     "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
@@ -91,10 +91,6 @@ def sgm_name(path: str) -> str:
     raise ValueError(f"SDXL UNet module {path!r} has no Stability-style name")
 
 
-FAMILY_DEFAULT = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3-medium", "flux": "flux-1-dev"}
-"""The base model a custom geometry's file is labelled with, per family."""
-
-
 def family(lora: LoRA) -> str:
     """``sd`` (SD 1.x/2.x), ``sdxl``, ``sd3`` or ``flux``, from the base model or else (a custom geometry) the
     module names."""
@@ -129,23 +125,34 @@ def transformer_family(lora: LoRA) -> str:
 
 
 def header_for(lora: LoRA, path: Path, kind: str, today: datetime.date) -> dict[str, str]:
-    """kohya-ss / model-spec header: what AUTOMATIC1111, Forge and ComfyUI read to list and label the file."""
+    """kohya-ss / model-spec header: what AUTOMATIC1111, Forge and ComfyUI read to list and label the file.
+
+    A LoRA of a custom geometry (no known base model has its modules) claims no base model; the model it was
+    trained on, when its metadata names it (:data:`~compose.lora.TRAINED_ON`), is carried either way."""
     ranks = sorted({m.rank for m in lora.modules.values()})
     dim = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
-    base = BASE_MODELS[lora.base_model or FAMILY_DEFAULT[kind]]
-    return {
+    header = {
         "ss_network_module": {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}.get(kind, "networks.lora"),
         "ss_network_dim": dim,
         "ss_network_alpha": dim,
-        "ss_base_model_version": base.kohya_version,
-        "ss_v2": str(base.name == "sd_v2"),
         "ss_output_name": path.stem,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": base.architecture,
-        "modelspec.implementation": base.implementation,
         "modelspec.title": path.stem,
         "modelspec.date": today.isoformat(),
     }
+    if lora.base_model:
+        base = BASE_MODELS[lora.base_model]
+        header.update(
+            {
+                "ss_base_model_version": base.kohya_version,
+                "ss_v2": str(base.name == "sd_v2"),
+                "modelspec.architecture": base.architecture,
+                "modelspec.implementation": base.implementation,
+            }
+        )
+    if lora.metadata.get(TRAINED_ON):
+        header[TRAINED_ON] = lora.metadata[TRAINED_ON]
+    return header
 
 
 def kohya_name(module: str, kind: str) -> str:

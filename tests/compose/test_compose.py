@@ -258,7 +258,9 @@ def test_kohya_metadata(tmp_path, sources):
         header = f.metadata()
         alphas = {float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")}  # noqa: SIM118
     assert header["ss_network_module"] == "networks.lora" and header["ss_network_dim"] == "12"
-    assert header["ss_base_model_version"] == "sd_v1" and header["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    # The tiny pipeline's geometry is no real base model's: the file claims none (the real geometries' labels are
+    # tested in test_inputs.py and test_transformers.py).
+    assert "ss_base_model_version" not in header and "modelspec.architecture" not in header
     assert json.loads(header["draft.merge_recipe"])["weights"] == list(WEIGHTS)
     assert alphas == {12.0}
 

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from compose.__main__ import main
 from compose.formats import load_lora, save_lora
 from compose.geometry import module_shapes
-from compose.lora import LoRA, LoRAModule
+from compose.lora import TRAINED_ON, LoRA, LoRAModule
+from compose.ops import mix
 
 
 class Block(torch.nn.Module):
@@ -215,3 +216,23 @@ def test_reads_the_trainers_checkpoints(tmp_path, capsys):
     for name, layer in unet.named_modules():
         if hasattr(layer, "get_delta_weight"):
             torch.testing.assert_close(loaded.modules[f"unet.{name}"].delta(), layer.get_delta_weight("default"))
+
+
+def test_custom_geometry_claims_no_base_model_and_keeps_the_trained_on_model(tmp_path):
+    """A LoRA whose modules fit no known base model (e.g. the embedded world's UNet) is exported without an SD
+    version label, and the model it was trained on (recorded by the trainer) survives a mix that agrees on it."""
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+    def custom(seed, trained_on):
+        generator = torch.Generator().manual_seed(seed)
+        module = LoRAModule(torch.randn(2, 24, generator=generator), torch.randn(24, 2, generator=generator), 2.0)
+        return LoRA({name: module}, metadata={TRAINED_ON: trained_on})
+
+    mixed = mix([custom(0, "world"), custom(1, "world")], [1.0, 0.5])
+    path = save_lora(mixed, tmp_path / "custom.safetensors", "kohya")
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    assert "ss_base_model_version" not in header and "modelspec.architecture" not in header
+    assert header[TRAINED_ON] == "world"
+    assert load_lora(path).metadata[TRAINED_ON] == "world"
+    assert TRAINED_ON not in mix([custom(0, "world"), custom(1, "other")], [1.0, 1.0]).metadata
