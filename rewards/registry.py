@@ -47,7 +47,18 @@ class RewardEntry:
 
 
 _REGISTRY: dict[str, RewardEntry] = {}
-BUILTIN_MEMBERS = ("aesthetic", "hps", "imagereward", "owlvit", "pickscore", "resnet", "shapes", "simple", "yolo")
+BUILTIN_MEMBERS = (
+    "aesthetic",
+    "hps",
+    "imagereward",
+    "jpeg",
+    "owlvit",
+    "pickscore",
+    "resnet",
+    "shapes",
+    "simple",
+    "yolo",
+)
 """The modules of ``rewards`` that register the built-in rewards, imported on the registry's first query."""
 _builtins_loaded = False
 

@@ -59,20 +59,31 @@ def images(n=3, h=64, w=80):
     return torch.rand(n, 3, h, w)
 
 
+def assert_gradient(reward, x, scores):
+    """A differentiable reward's scores carry a finite, non-zero gradient to the pixels ``x``; a non-differentiable
+    reward's scores carry none (they do not require grad, though ``x`` does)."""
+    assert x.requires_grad
+    if not reward.differentiable:
+        assert not scores.requires_grad and scores.grad_fn is None
+        return
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(("name", "options"), variants())
 def test_gradient_reaches_pixels(built, name, options):
     reward = built(name, options)
     x = images().requires_grad_(True)
     scores = reward(x, PROMPTS)
     assert scores.shape == (3,) and scores.dtype == torch.float32
-    scores.sum().backward()
-    assert torch.isfinite(x.grad).all()
-    assert x.grad.abs().sum() > 0
+    assert_gradient(reward, x, scores)
 
     # Even when a parent module asks for gradients (e.g. requires_grad_(True) on a model holding the reward).
     parent = torch.nn.ModuleDict({"reward": reward, "other": torch.nn.Linear(1, 1)})
     parent.requires_grad_(True)
-    reward(images().requires_grad_(True), PROMPTS).sum().backward()
+    x = images().requires_grad_(True)
+    assert_gradient(reward, x, reward(x, PROMPTS))
     assert parent["other"].weight.requires_grad
     assert not any(p.requires_grad for p in reward.parameters())
     assert all(p.grad is None for p in reward.parameters())
@@ -104,6 +115,7 @@ def test_frozen_and_metadata(built, name, options):
     assert isinstance(reward.needs_prompts, bool)
     assert reward.input_size is None or reward.input_size > 0
     assert get_entry(name).description
+    assert reward.differentiable is get_entry(name).differentiable
 
 
 @pytest.mark.parametrize(("name", "options"), variants())
@@ -112,8 +124,7 @@ def test_bfloat16_weights(name, options):
     x = images(2).requires_grad_(True)
     scores = reward(x, PROMPTS[:2])
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
-    scores.sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert_gradient(reward, x, scores)
     reference = get_reward(name, pretrained=False, **options)
     reference.load_state_dict({k: v.float() for k, v in reward.state_dict().items()})
     with torch.no_grad():
@@ -139,8 +150,7 @@ def test_autocast(built, name, options, amp_dtype):
     with torch.autocast("cpu", dtype=amp_dtype):
         scores = reward(x, PROMPTS[:2])
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
-    scores.sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert_gradient(reward, x, scores)
     with torch.no_grad():
         assert_close_in_spread(reward, scores.detach(), reward(x, PROMPTS[:2]), amp_dtype)
 
@@ -161,8 +171,7 @@ def test_full_geometry_contract(name, options):
     reward = get_reward(name, pretrained=False, **options)
     x = images(2).requires_grad_(True)
     scores = reward(x, PROMPTS[:2])
-    scores.sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert_gradient(reward, x, scores)
     with torch.no_grad():
         items = torch.cat([reward(x[i : i + 1], PROMPTS[i : i + 1]) for i in range(2)])
         torch.testing.assert_close(scores.detach(), items, rtol=1e-5, atol=1e-5)
@@ -175,7 +184,7 @@ def test_cuda_autocast(name, options):
     x = torch.rand(2, 3, 512, 512, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         scores = reward(x, PROMPTS[:2])
-    scores.sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert scores.device == x.device
+    assert_gradient(reward, x, scores)
     with torch.no_grad():
         assert_close_in_spread(reward, scores.detach(), reward(x, PROMPTS[:2]), torch.bfloat16)

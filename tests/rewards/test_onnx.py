@@ -41,6 +41,8 @@ PROMPTED = {
     "shapes": {"objective": "prompt"},
 }
 """One build of each reward that reads prompts."""
+UNEXPORTABLE = {"jpeg-compressibility": "encodes images with PIL", "jpeg-incompressibility": "encodes images with PIL"}
+"""Rewards whose scoring leaves torch, and the reason their export error gives."""
 PROMPTS = [
     "a photo of a cat",
     "an oil painting of a red car",
@@ -77,7 +79,14 @@ def assert_matches(got, expected, rel=1e-5):
 
 
 def test_every_registered_reward_is_tested():
-    assert sorted(list_rewards()) == sorted(set(EXPORTABLE) | set(PROMPTED))
+    assert sorted(list_rewards()) == sorted(set(EXPORTABLE) | set(PROMPTED) | set(UNEXPORTABLE))
+
+
+@pytest.mark.parametrize("name", sorted(UNEXPORTABLE))
+def test_rewards_outside_torch_say_they_have_no_graph(name, tmp_path):
+    with pytest.raises(OnnxExportError, match=rf"cannot export reward '{name}'.*{UNEXPORTABLE[name]}"):
+        export_onnx(get_reward(name), tmp_path / "r.onnx", 32)
+    assert list(tmp_path.iterdir()) == []
 
 
 def prompts_for(reward, n):
