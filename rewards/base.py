@@ -184,6 +184,16 @@ class Reward(nn.Module):
         return self + (-other)
 
 
+def refuse_tracing(name: str, reason: str) -> None:
+    """Raise ``NotImplementedError`` while ``torch.export`` (ONNX export) or ``torch.compile`` traces, for scoring
+    that leaves torch's graph (an encoder in PIL, a postprocess whose output size depends on the data); ``reason``
+    says what the reward does there."""
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(
+            f"reward '{name}' {reason}: it has no graph to trace or export; score it with the torch reward"
+        )
+
+
 def _as_list(prompts: Prompts, batch: int) -> list[str] | None:
     if prompts is None:
         return None

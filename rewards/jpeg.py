@@ -13,7 +13,7 @@ import io
 import torch
 from PIL import Image
 
-from rewards.base import Reward
+from rewards.base import Reward, refuse_tracing
 from rewards.registry import register_reward
 
 QUALITY = 95
@@ -48,11 +48,7 @@ class JpegSizeReward(Reward):
         self.normalization = (sign * mean, std)
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            raise NotImplementedError(
-                f"reward '{self.name}' encodes images with PIL, outside torch: it has no graph to trace or export; "
-                f"score it with the torch reward"
-            )
+        refuse_tracing(self.name, "encodes images with PIL, outside torch")
         return self.sign * jpeg_sizes(images)
 
     def extra_repr(self) -> str:
@@ -61,11 +57,11 @@ class JpegSizeReward(Reward):
 
 @register_reward("jpeg-incompressibility", differentiable=False)
 def jpeg_incompressibility(pretrained: bool = True, weights: dict | None = None) -> Reward:
-    """Size in kB of the image saved as JPEG, quality 95 (DDPO); exact via PIL, not differentiable; no weights."""
+    """Size in kB of the image saved as JPEG at quality 95 (DDPO), exact via PIL; no weights."""
     return JpegSizeReward(1.0)
 
 
 @register_reward("jpeg-compressibility", differentiable=False)
 def jpeg_compressibility(pretrained: bool = True, weights: dict | None = None) -> Reward:
-    """Negated size in kB of the image saved as JPEG, quality 95 (DDPO); exact via PIL, not differentiable."""
+    """Negated size in kB of the image saved as JPEG at quality 95 (DDPO), exact via PIL; no weights."""
     return JpegSizeReward(-1.0)
