@@ -112,6 +112,14 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in out] == [["aesthetic", "differentiable"], ["aesthetic-v1", "differentiable"]]
     assert "CLIP ViT-L/14" in out[0]
+    assert main(["list", "*-co*"]) == 0  # target-color too
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in out] == [
+        ["jpeg-compressibility", "non-differentiable"],
+        ["owlvit-count", "non-differentiable"],
+        ["target-color", "differentiable"],
+        ["yolo-count", "non-differentiable"],
+    ]
 
 
 def test_import_after_install_prints_the_zoo():
