@@ -1,4 +1,4 @@
-"""A zoo of differentiable image rewards behind one interface.
+"""A zoo of image rewards behind one interface, differentiable unless marked otherwise (``reward.differentiable``).
 
 from rewards import get_reward, list_rewards
 reward = get_reward("aesthetic")          # a frozen torch.nn.Module

@@ -250,7 +250,9 @@ def list_zoo(pattern: str | None) -> int:
     names = list_rewards(pattern)
     width = max((len(n) for n in names), default=0)
     for name in names:
-        print(f"{name:<{width}}  {get_entry(name).description}")
+        entry = get_entry(name)
+        kind = "differentiable" if entry.differentiable else "non-differentiable"
+        print(f"{name:<{width}}  {kind:<18}  {entry.description}")
     return 0
 
 
@@ -283,10 +285,12 @@ def add_reward_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m rewards", description="The differentiable reward zoo.", formatter_class=HelpFormatter
+        prog="python -m rewards", description="The reward zoo.", formatter_class=HelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    list_cmd = commands.add_parser("list", help="list the registered rewards", formatter_class=HelpFormatter)
+    list_cmd = commands.add_parser(
+        "list", help="list the registered rewards, differentiable or not", formatter_class=HelpFormatter
+    )
     list_cmd.add_argument("pattern", nargs="?", default=None, help="glob filter, e.g. 'aesthetic*'")
     score_cmd = commands.add_parser("score", help="score image files or folders", formatter_class=HelpFormatter)
     score_cmd.add_argument("paths", nargs="+", help="image files or folders")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +51,10 @@ class Reward(nn.Module):
     normalization: tuple[float, float] = (0.0, 1.0)
     """Default ``(mean, std)`` used by ``combine(..., normalize=True)`` to put rewards on a common scale."""
     check_inputs: bool = True
+    differentiable: bool = True
+    """Whether the scores carry a gradient to the images. DRaFT-family methods need one; RL methods (DDPO, GRPO)
+    take any reward as a black box. A non-differentiable reward (a JPEG size, a hard count) scores with autograd
+    off, so its scores never require grad; set it per instance where an option decides."""
     prompt_processor: PromptProcessor | None = None
     """Prompts to tensors, without a model (rewards that read prompts set it; see the class docstring)."""
 
@@ -94,15 +99,22 @@ class Reward(nn.Module):
     def compute(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         """Score without validation: move to the reward's dtype, call :meth:`score`, return float32."""
         images = self._prepare(images)
-        return self._checked(self.score(images, prompts), images)
+        with self._autograd():
+            return self._checked(self.score(images, prompts), images)
 
     def compute_inputs(self, images: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """:meth:`compute` from the prompt processors' tensors (named as by :meth:`prompt_processors`) instead of
         prompts, with nothing cached: the tensor-only path that an exported graph runs."""
         images = self._prepare(images)
-        if self.prompt_processor is None:
-            return self._checked(self.score(images, None), images)
-        return self._checked(self.score_encoded(images, self.encode_prompts(inputs)), images)
+        with self._autograd():
+            if self.prompt_processor is None:
+                return self._checked(self.score(images, None), images)
+            return self._checked(self.score_encoded(images, self.encode_prompts(inputs)), images)
+
+    def _autograd(self) -> AbstractContextManager[None]:
+        """Autograd as the caller has it for a differentiable reward; off for one that is not (no graph is built
+        for scores that cannot carry a gradient)."""
+        return torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled())
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Keep parameters frozen; check the device; move the images to the reward's dtype."""
@@ -135,7 +147,8 @@ class Reward(nn.Module):
         return super().train(False)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, needs_prompts={self.needs_prompts}, input_size={self.input_size}"
+        differentiable = "" if self.differentiable else ", differentiable=False"
+        return f"name={self.name!r}, needs_prompts={self.needs_prompts}, input_size={self.input_size}{differentiable}"
 
     # Weighted composition: ``0.7 * a + 0.3 * b`` is a CombinedReward.
     def __mul__(self, weight: float) -> CombinedReward:
@@ -169,6 +182,16 @@ class Reward(nn.Module):
         if not isinstance(other, Reward):
             return NotImplemented
         return self + (-other)
+
+
+def refuse_tracing(name: str, reason: str) -> None:
+    """Raise ``NotImplementedError`` while ``torch.export`` (ONNX export) or ``torch.compile`` traces, for scoring
+    that leaves torch's graph (an encoder in PIL, a postprocess whose output size depends on the data); ``reason``
+    says what the reward does there."""
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(
+            f"reward '{name}' {reason}: it has no graph to trace or export; score it with the torch reward"
+        )
 
 
 def _as_list(prompts: Prompts, batch: int) -> list[str] | None:

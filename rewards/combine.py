@@ -55,6 +55,12 @@ class CombinedReward(Reward):
     def needs_prompts(self) -> bool:
         return any(m.needs_prompts for m in self.members.values())
 
+    @property
+    def differentiable(self) -> bool:
+        """A mix is differentiable only if every member is: a gradient without a member's term would be that of
+        another objective, so a mix with a non-differentiable member scores with autograd off, as that member does."""
+        return all(m.differentiable for m in self.members.values())
+
     @classmethod
     def of(cls, reward: Reward) -> CombinedReward:
         """View any reward as a combination (a single member with weight 1 if it is not one already)."""
@@ -89,7 +95,8 @@ class CombinedReward(Reward):
 
     def compute(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         # Each member moves the images to its own device check and dtype; no shared cast here.
-        return self.score(images, prompts)
+        with self._autograd():
+            return self.score(images, prompts)
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         return self._mix(lambda key, member: member.compute(images, prompts))
@@ -99,7 +106,8 @@ class CombinedReward(Reward):
             prefix = f"{key}/"
             return {name.removeprefix(prefix): t for name, t in inputs.items() if name.startswith(prefix)}
 
-        return self._mix(lambda key, member: member.compute_inputs(images, member_inputs(key)))
+        with self._autograd():
+            return self._mix(lambda key, member: member.compute_inputs(images, member_inputs(key)))
 
     def prompt_processors(self) -> dict[str, PromptProcessor]:
         """The members' processors, each prefix led by the member's key: ``{"pickscore/": ...}``."""

@@ -172,6 +172,9 @@ class OnnxReward:
     ``num_threads``: onnxruntime's intra-op threads (default: onnxruntime's choice, the physical cores).
     """
 
+    differentiable = False
+    """onnxruntime computes no gradients, whatever the exported reward's (so the file records none)."""
+
     def __init__(self, path: str | os.PathLike, device: str = "cpu", num_threads: int | None = None) -> None:
         _require_onnx()
         import onnxruntime

@@ -4,7 +4,8 @@ For a text query, each of the model's 576 box tokens (768 px input, 32 px patche
 is the box's detection probability. The reward aggregates them per image (``rewards.detection``): a soft count
 (the sum of the box probabilities; with a ``threshold``, a smooth count of the boxes above it, which tends to the
 count of transformers' ``post_process_object_detection`` as the temperature goes to 0) or the maximum box
-probability. Several queries (add "strawberry", keep "bowl") are separate rewards composed with weights.
+probability. ``owlvit-count`` is that count itself, hard and not differentiable (for RL methods). Several queries
+(add "strawberry", keep "bowl") are separate rewards composed with weights.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from transformers import OwlViTConfig, OwlViTForObjectDetection
 from rewards import hints
 from rewards.base import Reward
 from rewards.clip import build_clip_tokenizer
-from rewards.detection import DetectorReward
+from rewards.detection import HARD_COUNT, DetectorReward, check_soft_aggregation
 from rewards.registry import register_reward
 from rewards.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize, resize
 from rewards.weights import MAIN, WeightsArg, WeightSource, build_model
@@ -33,7 +34,7 @@ def owlvit_config(tiny: bool = False) -> OwlViTConfig:
 
 
 class DetectionReward(DetectorReward):
-    """Soft count or max probability of boxes matching ``query`` (negated for ``mode="remove"``)."""
+    """Soft count, max probability or hard count of boxes matching ``query`` (negated for ``mode="remove"``)."""
 
     name = "owlvit"
     needs_prompts = False
@@ -48,7 +49,7 @@ class DetectionReward(DetectorReward):
         temperature: float | None = None,
     ) -> None:
         super().__init__(mode, aggregation, threshold, temperature)
-        self.check_query(query)
+        self.check_query(query, self.name)
         self.model = model
         self.query = query
         self.input_size = model.config.vision_config.image_size
@@ -59,11 +60,11 @@ class DetectionReward(DetectorReward):
         self.freeze()
 
     @staticmethod
-    def check_query(query: object) -> None:
+    def check_query(query: object, name: str = "owlvit") -> None:
         """A query is a non-empty string (checked before the model is built)."""
         if not isinstance(query, str) or not query.strip():
-            example = hints.usage("owlvit", hints.options(query="strawberry", mode="add"))
-            raise ValueError(f"owlvit needs a text query, e.g. {example}")
+            example = hints.usage(name, hints.options(query="strawberry", mode="add"))
+            raise ValueError(f"{name} needs a text query, e.g. {example}")
 
     def box_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Per-box logits [B, boxes] of the query: images resized to the model's input (aspect not kept, as the
@@ -82,6 +83,26 @@ class DetectionReward(DetectorReward):
         return torch.sigmoid(self.box_logits(images).float())
 
 
+POST_PROCESS_THRESHOLD = 0.1
+"""transformers' default ``threshold`` of ``OwlViTImageProcessor.post_process_object_detection``."""
+
+
+def build_owlvit(
+    name: str, pretrained: bool, weights: dict[str, WeightsArg] | None, tiny: bool
+) -> OwlViTForObjectDetection:
+    """The detector of the reward ``name``: the reference weights, an override, or random weights."""
+    return build_model(
+        OwlViTForObjectDetection,
+        owlvit_config(tiny),
+        reward=name,
+        component=MAIN,
+        source=OWLVIT_SOURCE,
+        pretrained=pretrained,
+        override=(weights or {}).get(MAIN),
+        tiny=tiny,
+    )
+
+
 @register_reward("owlvit", components=(MAIN,))
 def owlvit(
     pretrained: bool = True,
@@ -94,15 +115,22 @@ def owlvit(
     tiny: bool = False,
 ) -> Reward:
     """OWL-ViT B/32 detection of a text query: soft count (or max) of boxes; mode='add' or 'remove'."""
-    DetectionReward.check_query(query)
-    model = build_model(
-        OwlViTForObjectDetection,
-        owlvit_config(tiny),
-        reward="owlvit",
-        component=MAIN,
-        source=OWLVIT_SOURCE,
-        pretrained=pretrained,
-        override=(weights or {}).get(MAIN),
-        tiny=tiny,
+    DetectionReward.check_query(query, "owlvit")
+    check_soft_aggregation("owlvit", aggregation)
+    return DetectionReward(
+        build_owlvit("owlvit", pretrained, weights, tiny), query, mode, aggregation, threshold, temperature
     )
-    return DetectionReward(model, query, mode, aggregation, threshold, temperature)
+
+
+@register_reward("owlvit-count", components=(MAIN,), differentiable=False)
+def owlvit_count(
+    pretrained: bool = True,
+    weights: dict[str, WeightsArg] | None = None,
+    query: str | None = None,
+    mode: str = "add",
+    threshold: float = POST_PROCESS_THRESHOLD,
+    tiny: bool = False,
+) -> Reward:
+    """OWL-ViT B/32 hard count: boxes of a text query above threshold (0.1), as post_process_object_detection."""
+    DetectionReward.check_query(query, "owlvit-count")
+    return DetectionReward(build_owlvit("owlvit-count", pretrained, weights, tiny), query, mode, HARD_COUNT, threshold)

@@ -31,6 +31,9 @@ class RewardEntry:
     """Optional packages the reward needs (installed by an extra, e.g. ``ultralytics`` for ``yolo``)."""
     sources: Mapping[str, WeightSource] = field(default_factory=dict)
     """The reference source of each component, for rewards with several: a missing download then names them all."""
+    differentiable: bool = True
+    """Whether the rewards it builds carry a gradient to the images (known before building one, so that a command
+    line can refuse a reward that its method cannot use before loading anything)."""
 
     @property
     def missing_packages(self) -> tuple[str, ...]:
@@ -44,7 +47,18 @@ class RewardEntry:
 
 
 _REGISTRY: dict[str, RewardEntry] = {}
-BUILTIN_MEMBERS = ("aesthetic", "hps", "imagereward", "owlvit", "pickscore", "resnet", "shapes", "simple", "yolo")
+BUILTIN_MEMBERS = (
+    "aesthetic",
+    "hps",
+    "imagereward",
+    "jpeg",
+    "owlvit",
+    "pickscore",
+    "resnet",
+    "shapes",
+    "simple",
+    "yolo",
+)
 """The modules of ``rewards`` that register the built-in rewards, imported on the registry's first query."""
 _builtins_loaded = False
 
@@ -62,14 +76,16 @@ def register_reward(
     components: tuple[str, ...] = (),
     requires: tuple[str, ...] = (),
     sources: Mapping[str, WeightSource] | None = None,
+    differentiable: bool = True,
 ) -> Callable[[Builder], Builder]:
     """Register a builder ``fn(pretrained: bool, weights: dict[str, path or hub id], **options) -> Reward``.
 
     ``components`` names the parts that have weights (e.g. ``("clip", "head")``); a reward with one part uses
     ``("main",)`` and accepts ``weights=PATH``; a weight-free reward uses ``()``. ``requires`` names optional
     packages the builder imports. ``sources`` gives the reference :class:`WeightSource` of each component of a
-    reward with several, so that a failed download names every file the reward needs. The builder's docstring's
-    first line is the description shown by ``python -m rewards list``.
+    reward with several, so that a failed download names every file the reward needs. ``differentiable=False``
+    declares that the rewards built carry no gradient (their ``differentiable`` attribute, checked on each build).
+    The builder's docstring's first line is the description shown by ``python -m rewards list``.
     """
     if sources and not set(sources) <= set(components):
         raise ValueError(f"sources name components {sorted(set(sources) - set(components))} not in {components}")
@@ -81,7 +97,7 @@ def register_reward(
         doc = inspect.getdoc(builder) or ""
         description = doc.splitlines()[0] if doc else ""
         _REGISTRY[name] = RewardEntry(
-            name, builder, tuple(components), description, tuple(requires), dict(sources or {})
+            name, builder, tuple(components), description, tuple(requires), dict(sources or {}), differentiable
         )
         return builder
 
@@ -143,6 +159,12 @@ def get_reward(
         raise MissingWeightsError(
             message, reward=name, component=err.component, source=err.source, reason=err.reason
         ) from err.__cause__
+    if reward.differentiable != entry.differentiable:
+        raise RuntimeError(
+            f"reward '{name}' is registered with differentiable={entry.differentiable} but its builder returned a "
+            f"reward with differentiable={reward.differentiable}; make them agree (register_reward(..., "
+            f"differentiable=...) or the reward's differentiable attribute)"
+        )
     reward.name = entry.name
     reward.freeze()
     if device is not None or dtype is not None:

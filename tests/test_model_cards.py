@@ -29,6 +29,8 @@ def test_card(name):
     front = yaml.safe_load(text.split("---\n")[1])
     assert {"license", "source", "tags"} <= set(front)
     assert "reward" in front["tags"]
+    kind = "differentiable" if get_entry(name).differentiable else "non-differentiable"
+    assert kind in front["tags"] and {"differentiable", "non-differentiable"} & set(front["tags"]) == {kind}
     positions = [text.find(s) for s in SECTIONS]
     assert all(p > 0 for p in positions), f"missing sections in {path.name}"
     assert positions == sorted(positions), f"sections out of order in {path.name}"

@@ -3,7 +3,8 @@
 A small CNN trained by the project (``python -m finetune.world.train classifier``) predicts a world image's
 shape count (0-3), colour, kind and size. Its outputs give the world's objectives, mirroring DRaFT's:
 object addition and removal (expected count up or down), a target colour or kind, bigger or smaller shapes, and
-agreement with the prompt (log-probability of the caption's count, colour and kind).
+agreement with the prompt (log-probability of the caption's count, colour and kind). ``shapes-match`` is the hard
+form of that agreement: 1 if the classifier's reading matches the caption exactly, else 0 (not differentiable).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from rewards.weights import MAIN, WeightsArg, WeightSource, load_component
 WEIGHTS_FILE = Path(__file__).parent / "classifier.safetensors"
 """The shipped weights (trained by ``python -m finetune.world.train classifier``)."""
 OBJECTIVES = ("prompt", "count", "color", "shape", "size")
+"""The objectives of the ``shapes`` reward (all differentiable)."""
+MATCH = "match"
+"""The objective of ``shapes-match``: the exact agreement with the prompt, hard (a reward of its own name, because
+a registered name is differentiable or not whatever its options)."""
+PROMPTED = ("prompt", MATCH)
 MODES = {"count": ("add", "remove"), "size": ("grow", "shrink")}
 """Directions of the objectives that have one (the first is the default)."""
 MEAN, STD = 0.5, 0.25
@@ -112,10 +118,17 @@ def caption_targets(prompts: list[str], device: torch.device) -> tuple[torch.Ten
     return tuple(targets[name].to(device) for name in ("count", "color", "shape"))  # type: ignore[return-value]
 
 
+def label_matches(prediction: Prediction, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per image, 1.0 when the most likely count, colour and kind all equal ``targets`` (:class:`CaptionTargets`'
+    index tensors), else 0.0."""
+    labels = dict(zip(("count", "color", "shape"), prediction.labels(), strict=True))
+    return torch.stack([labels[name] == targets[name] for name in labels]).all(0).float()
+
+
 def prompt_agreement(prediction: Prediction, prompts: list[str]) -> torch.Tensor:
     """Per image, 1.0 when the classifier's most likely count, colour and kind all match the caption, else 0.0."""
-    targets = caption_targets(prompts, prediction.count.device)
-    return torch.stack([p == t for p, t in zip(prediction.labels(), targets, strict=True)]).all(0).float()
+    device = prediction.count.device
+    return label_matches(prediction, {name: t.to(device) for name, t in CaptionTargets()(prompts).items()})
 
 
 class ShapesReward(Reward):
@@ -128,22 +141,26 @@ class ShapesReward(Reward):
         super().__init__()
         self.classifier = classifier
         self.objective = objective
-        self.needs_prompts = objective == "prompt"
+        self.needs_prompts = objective in PROMPTED
         if self.needs_prompts:
             self.prompt_processor = CaptionTargets()
+        self.differentiable = objective != MATCH
         self.sign = sign
         self.target = target
         self.typical_range, self.normalization = TYPICAL[objective]
         self.freeze()
 
     def score_encoded(self, images: torch.Tensor, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The ``prompt`` objective: log-probability of the caption's count, colour and kind."""
+        """The ``prompt`` objective: log-probability of the caption's count, colour and kind; ``match``: whether the
+        most likely ones are the caption's."""
         prediction = self.classifier(images)
+        if self.objective == MATCH:
+            return label_matches(prediction, encoded)
         heads = {"count": prediction.count, "color": prediction.color, "shape": prediction.shape}
         return sum(head.gather(1, encoded[name][:, None])[:, 0] for name, head in heads.items())
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        if self.objective == "prompt":
+        if self.objective in PROMPTED:
             return super().score(images, prompts)
         prediction = self.classifier(images)
         if self.objective == "count":
@@ -168,6 +185,7 @@ TYPICAL: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "color": ((-8.8, 0.0), (-5.4, 3.2)),
     "shape": ((-6.0, 0.0), (-3.0, 2.1)),
     "size": ((0.12, 0.79), (0.42, 0.21)),
+    MATCH: ((0.0, 1.0), (0.92, 0.27)),  # the share of samples read as their caption, and its spread
 }
 
 
@@ -197,6 +215,18 @@ def shapes(
         )
     if choices is None and target is not None:
         raise ValueError(f"objective {objective!r} takes no target (only 'color' and 'shape' do)")
+    sign = -1.0 if mode in ("remove", "shrink") else 1.0
+    return ShapesReward(load_classifier("shapes", pretrained, weights), objective, target, sign)
+
+
+@register_reward("shapes-match", components=(MAIN,), differentiable=False)
+def shapes_match(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None) -> Reward:
+    """Embedded shapes-world classifier: 1 if its reading (count, colour, kind) is exactly the prompt's, else 0."""
+    return ShapesReward(load_classifier("shapes-match", pretrained, weights), MATCH, None, 1.0)
+
+
+def load_classifier(name: str, pretrained: bool, weights: dict[str, WeightsArg] | None) -> ShapesClassifier:
+    """The shipped classifier (:data:`WEIGHTS_FILE`), an override, or random weights, for the reward ``name``."""
     override = (weights or {}).get(MAIN)
     if pretrained and override is None:
         if not WEIGHTS_FILE.exists():
@@ -205,13 +235,11 @@ def shapes(
                 f"with `python -m finetune.world.train classifier`"
             )
         override = WEIGHTS_FILE
-    classifier = load_component(
+    return load_component(
         ShapesClassifier(),
-        reward="shapes",
+        reward=name,
         component=MAIN,
         source=WeightSource(),
         pretrained=pretrained,
         override=override,
     )
-    sign = -1.0 if mode in ("remove", "shrink") else 1.0
-    return ShapesReward(classifier, objective, target, sign)

@@ -130,3 +130,31 @@ def test_same_module_with_different_normalization_stays_separate(x):
     expected = (bright(x) - mean) / std + bright(x)
     torch.testing.assert_close((normalized + bright)(x), expected)
     torch.testing.assert_close((bright + normalized)(x), expected)
+
+
+class BrightPixels(Reward):
+    """Fraction of pixels brighter than 0.5: a hard count, so not differentiable."""
+
+    name = "bright-pixels"
+    differentiable = False
+
+    def score(self, images, prompts):
+        return (images.mean(dim=1) > 0.5).float().mean(dim=(1, 2))
+
+
+def test_a_mix_is_differentiable_only_if_every_member_is(x):
+    bright, hard = get_reward("brightness"), BrightPixels()
+    images = x.requires_grad_(True)
+    assert (2 * bright).differentiable and (2 * bright)(images).requires_grad
+    assert not hard.differentiable and not hard(images).requires_grad
+    for mix in (bright + hard, hard - bright, combine({bright: 1.0, hard: 0.5}, normalize=True)):
+        assert not mix.differentiable
+        scores = mix(images)
+        assert not scores.requires_grad, "a partial gradient would be that of another objective"
+        assert not any(value.requires_grad for value in mix.last_scores.values())
+    with torch.no_grad():
+        torch.testing.assert_close((bright + hard)(x), bright(x) + hard(x))
+    # An instance may say otherwise than its class (a reward whose option makes it hard, say).
+    soft = BrightPixels()
+    soft.differentiable = True
+    assert (bright + soft).differentiable and not (bright + hard).differentiable

@@ -3,6 +3,7 @@ and ``python -m rewards export``."""
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from rewards import Reward, combine, get_reward, list_rewards
 from rewards.__main__ import main
 from rewards.onnx import OnnxExportError, OnnxReward, export_onnx
 from rewards.registry import get_entry
+from rewards.shapes import sample_batch
 from rewards.text import processor_from_json, processor_to_json, prompt_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +28,7 @@ EXPORTABLE = {
     "brightness": {},
     "contrast": {},
     "owlvit": {"tiny": True, "query": "a cat"},
+    "owlvit-count": {"tiny": True, "query": "a cat"},
     "resnet50": {"target": "cat"},
     "saturation": {},
     "shapes": {"objective": "size"},
@@ -41,6 +44,14 @@ PROMPTED = {
     "shapes": {"objective": "prompt"},
 }
 """One build of each reward that reads prompts."""
+UNEXPORTABLE = {
+    "jpeg-compressibility": "encodes images with PIL",
+    "jpeg-incompressibility": "encodes images with PIL",
+    "yolo-count": "non-maximum suppression, whose output size depends on the data",
+}
+"""Rewards whose scoring leaves torch's graph, and the reason their export error gives."""
+SEPARATE = {"shapes-match"}
+"""Rewards with an export test of their own below."""
 PROMPTS = [
     "a photo of a cat",
     "an oil painting of a red car",
@@ -77,7 +88,31 @@ def assert_matches(got, expected, rel=1e-5):
 
 
 def test_every_registered_reward_is_tested():
-    assert sorted(list_rewards()) == sorted(set(EXPORTABLE) | set(PROMPTED))
+    assert sorted(list_rewards()) == sorted(set(EXPORTABLE) | set(PROMPTED) | set(UNEXPORTABLE) | SEPARATE)
+
+
+@pytest.mark.parametrize("name", sorted(UNEXPORTABLE))
+def test_rewards_outside_torch_say_they_have_no_graph(name, tmp_path):
+    if get_entry(name).missing_packages:
+        pytest.skip(f"needs {', '.join(get_entry(name).missing_packages)} (optional extra)")
+    with pytest.raises(OnnxExportError, match=rf"cannot export reward '{name}'.*{UNEXPORTABLE[name]}"):
+        export_onnx(get_reward(name, pretrained=False), tmp_path / "r.onnx", 32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shapes_match_export_is_exact(tmp_path):
+    """The hard prompt agreement exports (argmax and comparisons); with the shipped classifier on world scenes,
+    true and altered captions give both values, which the graph reproduces exactly."""
+    reward = get_reward("shapes-match")
+    graph = OnnxReward(export_onnx(reward, tmp_path / "match.onnx"))
+    assert graph.image_size == (32, 32) and graph.prompt_inputs == ["count", "color", "shape"]
+    batch = sample_batch(6, random.Random(0))
+    captions = [text if i % 2 else text.replace(text.split()[0], "three" if text.startswith("one") else "one")
+                for i, text in enumerate(batch.captions)]  # fmt: skip
+    with torch.no_grad():
+        expected = reward(batch.images, captions)
+    assert expected.tolist() == [0.0, 1.0] * 3
+    assert torch.equal(graph(batch.images, captions), expected)
 
 
 def prompts_for(reward, n):

@@ -8,6 +8,7 @@ from torchvision.transforms.v2 import functional as TF
 from transformers import OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor
 
 from rewards import MissingWeightsError, get_reward
+from rewards.detection import DetectorReward
 from rewards.owlvit import owlvit_config
 
 
@@ -95,6 +96,45 @@ def test_soft_count_tends_to_the_post_processed_count(tmp_path, threshold):
     assert errors[-1] < 0.5, errors  # rounds to the hard count
 
 
+@pytest.mark.parametrize("threshold", [0.1, 0.3])
+def test_hard_count_is_the_post_processed_count(tmp_path, threshold):
+    """``owlvit-count`` equals the number of boxes transformers' post_process_object_detection keeps, on a model run
+    through the reference recipe, and carries no gradient."""
+    torch.manual_seed(0)
+    OwlViTForObjectDetection(owlvit_config(tiny=True)).save_pretrained(tmp_path / "tiny")
+    model = OwlViTForObjectDetection.from_pretrained(tmp_path / "tiny").eval()
+    images = torch.rand(3, 3, 768, 768)
+    kept = OwlViTImageProcessor().post_process_object_detection(
+        reference_outputs(model, images, "a bowl"), threshold=threshold
+    )
+    expected = torch.tensor([float(len(k["scores"])) for k in kept])
+    assert ((expected > 0) & (expected < 576)).all() and len(set(expected.tolist())) > 1
+    options = {} if threshold == 0.1 else {"threshold": threshold}  # 0.1: post_process_object_detection's default
+    add = get_reward("owlvit-count", pretrained=False, weights=tmp_path / "tiny", query="a bowl", **options)
+    remove = get_reward("owlvit-count", pretrained=False, weights=tmp_path / "tiny", query="a bowl", mode="remove",
+                        **options)  # fmt: skip
+    x = images.requires_grad_(True)
+    scores = add(x)
+    assert not add.differentiable and not scores.requires_grad
+    assert torch.equal(scores, expected) and torch.equal(remove(x), -expected)
+
+
+def test_the_hard_count_is_its_own_reward():
+    with pytest.raises(ValueError, match=r"aggregation='count' is the hard count.*'owlvit-count'"):
+        get_reward("owlvit", pretrained=False, tiny=True, query="x", aggregation="count")
+    with pytest.raises(ValueError, match=r"'owlvit-count' got unknown option\(s\) temperature"):
+        get_reward("owlvit-count", pretrained=False, tiny=True, query="x", temperature=0.01)
+    with pytest.raises(ValueError, match="the hard count has none"):
+        DetectorReward("add", "count", threshold=0.1, temperature=0.01)
+    with pytest.raises(ValueError, match="counts the boxes above a threshold: give one"):
+        DetectorReward("add", "count")
+    assert not DetectorReward("remove", "count", threshold=0.1).differentiable
+    with pytest.raises(ValueError, match="owlvit-count needs a text query"):
+        get_reward("owlvit-count", pretrained=False, tiny=True)
+    with pytest.raises(MissingWeightsError, match=r"'owlvit-count'.*google/owlvit-base-patch32"):
+        get_reward("owlvit-count", query="a person")
+
+
 def test_default_temperature_follows_the_threshold():
     for threshold in (0.05, 0.5, 0.98):
         reward = get_reward("owlvit", pretrained=False, tiny=True, query="x", threshold=threshold)
@@ -124,7 +164,7 @@ def test_tiny_matches_reference(tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [({}, "needs a text query"), ({"query": "x", "mode": "delete"}, "mode must be one of add, remove"),
-     ({"query": "x", "aggregation": "sum"}, "aggregation must be one of soft_count, max"),
+     ({"query": "x", "aggregation": "sum"}, "aggregation must be one of soft_count, max, count"),
      ({"query": "x", "threshold": 1.0}, "strictly between 0 and 1"),
      ({"query": "x", "threshold": 0.1, "aggregation": "max"}, "threshold applies to aggregation='soft_count'"),
      ({"query": "x", "temperature": 0.1}, "give it with a threshold"),

@@ -8,7 +8,7 @@ import torch
 
 from rewards import Reward, get_reward, list_rewards, register_reward
 from rewards.__main__ import main
-from rewards.registry import _REGISTRY
+from rewards.registry import _REGISTRY, get_entry
 
 
 def test_list_rewards_sorted_and_filtered():
@@ -75,6 +75,33 @@ def test_register_custom_reward_is_one_decorated_function():
         _REGISTRY.pop("test-redness", None)
 
 
+def test_differentiable_is_declared_at_registration_and_checked_on_build(capsys):
+    class Hard(Reward):
+        differentiable = False
+
+        def score(self, images, prompts):
+            return (images.mean(dim=(1, 2, 3)) > 0.5).float()
+
+    register_reward("test-hard", differentiable=False)(lambda pretrained=True, weights=None: Hard())
+    register_reward("test-claims-hard", differentiable=False)(lambda pretrained=True, weights=None: Reward())
+    try:
+        assert not get_entry("test-hard").differentiable and get_entry("brightness").differentiable
+        reward = get_reward("test-hard")
+        assert not reward.differentiable and "differentiable=False" in repr(reward)
+        assert not reward(torch.rand(2, 3, 4, 4, requires_grad=True)).requires_grad
+        with pytest.raises(RuntimeError, match=r"'test-claims-hard' is registered with differentiable=False but"):
+            get_reward("test-claims-hard")
+        capsys.readouterr()
+        assert main(["list", "test-*"]) == 0
+        assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()] == [
+            ["test-claims-hard", "non-differentiable"],
+            ["test-hard", "non-differentiable"],
+        ]
+    finally:
+        _REGISTRY.pop("test-hard", None)
+        _REGISTRY.pop("test-claims-hard", None)
+
+
 def test_device_and_dtype_arguments():
     reward = get_reward("resnet50", pretrained=False, target=1, dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in reward.parameters()} == {torch.bfloat16}
@@ -83,8 +110,16 @@ def test_device_and_dtype_arguments():
 def test_cli_list(capsys):
     assert main(["list", "aesthetic*"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in out] == ["aesthetic", "aesthetic-v1"]
+    assert [line.split()[:2] for line in out] == [["aesthetic", "differentiable"], ["aesthetic-v1", "differentiable"]]
     assert "CLIP ViT-L/14" in out[0]
+    assert main(["list", "*-co*"]) == 0  # target-color too
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in out] == [
+        ["jpeg-compressibility", "non-differentiable"],
+        ["owlvit-count", "non-differentiable"],
+        ["target-color", "differentiable"],
+        ["yolo-count", "non-differentiable"],
+    ]
 
 
 def test_import_after_install_prints_the_zoo():

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from rewards import MissingWeightsError, WeightsMismatchError, get_reward
 from rewards.shapes import ShapesClassifier, all_captions, parse_caption, render, sample_batch
 from rewards.shapes.classifier import WEIGHTS_FILE, prompt_agreement
-from rewards.shapes.world import COLORS, caption, radius, sample_scene
+from rewards.shapes.world import COLORS, SHAPES, caption, radius, sample_scene
 
 
 def test_captions_round_trip():
@@ -136,3 +136,26 @@ def test_weights_override_strict(tmp_path):
 
 def test_shipped_weights_are_small():
     assert WEIGHTS_FILE.stat().st_size < 2_000_000
+
+
+def test_match_is_one_exactly_when_the_reading_is_the_caption():
+    """``shapes-match`` against the classifier's own labels compared with the caption by hand."""
+    batch = sample_batch(12, random.Random(5))
+    match = get_reward("shapes-match")
+    wrong_count = [caption(n % 3 + 1, c, s) for n, c, s in (parse_caption(t) for t in batch.captions)]
+    wrong_color = [t.replace(t.split()[1], "green" if t.split()[1] != "green" else "red") for t in batch.captions]
+    images = batch.images.requires_grad_(True)
+    with torch.no_grad():
+        count, color, shape = match.classifier(batch.images).labels()
+    colors, kinds = [list(COLORS)[k] for k in color.tolist()], [SHAPES[k] for k in shape.tolist()]
+    readings = list(zip(count.tolist(), colors, kinds, strict=True))
+    for captions in (batch.captions, wrong_count, wrong_color):
+        expected = torch.tensor([float(r == parse_caption(t)) for r, t in zip(readings, captions, strict=True)])
+        scores = match(images, captions)
+        assert not scores.requires_grad and torch.equal(scores, expected)
+    assert match(images, batch.captions).mean() > 0.9 and match(images, wrong_count).sum() == 0
+    assert not match.differentiable and match.needs_prompts
+    with pytest.raises(ValueError, match="not a shapes-world caption"):
+        match(images, "a photo of a cat")
+    with pytest.raises(ValueError, match=r"'shapes-match' got unknown option\(s\) objective"):
+        get_reward("shapes-match", objective="prompt")

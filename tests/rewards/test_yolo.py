@@ -60,3 +60,36 @@ def test_targets_and_refusals(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(WeightsMismatchError, match=r"missing: model\.22\.dfl\.conv\.weight"):
         get_reward("yolo", pretrained=False, weights=tmp_path / "bad.safetensors")
+
+
+def test_hard_count_is_the_postprocessed_count(checkpoint):
+    """``yolo-count`` equals the detections ultralytics' own non_max_suppression keeps at the predictor's settings,
+    and, with suppression off (iou=1), the boxes whose best class is the target and scores above the threshold,
+    counted by hand from the head."""
+    from ultralytics.utils.nms import non_max_suppression
+
+    model, path = checkpoint
+    images = torch.rand(3, 3, 640, 640)  # square 640: the letterbox is the identity
+    with torch.no_grad():
+        predictions = model(images)[0]
+    probabilities = predictions[:, 4:]
+    best, labels = probabilities.max(dim=1)
+    target = labels.flatten().mode().values.item()  # random weights: the class most boxes pick
+    threshold = best[labels == target].median().item()  # random weights score every box near 0.5
+    kept = non_max_suppression(predictions, threshold, 0.7, classes=[target], max_det=300)
+    expected = torch.tensor([float(len(k)) for k in kept])
+    by_hand = ((labels == target) & (best > threshold)).sum(dim=1).float()
+    assert (expected > 0).all() and (by_hand > expected).all(), "NMS merges overlapping boxes"
+    x = images.requires_grad_(True)
+    reward = get_reward("yolo-count", pretrained=False, weights=path, target=target, threshold=threshold)
+    scores = reward(x)
+    assert not reward.differentiable and not scores.requires_grad
+    assert torch.equal(scores, expected)
+    unsuppressed = get_reward("yolo-count", pretrained=False, weights=path, target=target, threshold=threshold,
+                              iou=1.0, mode="remove")  # fmt: skip
+    assert torch.equal(unsuppressed(x), -torch.minimum(by_hand, torch.tensor(300.0)))
+    with pytest.raises(ValueError, match=r"aggregation='count' is the hard count.*'yolo-count'"):
+        get_reward("yolo", pretrained=False, aggregation="count")
+    with pytest.raises(ValueError, match=r"iou is the overlap above which NMS drops a box"):
+        get_reward("yolo-count", pretrained=False, iou=0.0)
+    assert get_reward("yolo-count", pretrained=False).threshold == 0.25  # ultralytics' predict default
