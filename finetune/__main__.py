@@ -177,6 +177,15 @@ def check_model_argument(model: str | None) -> None:
             )
 
 
+def not_differentiable_message(name: str) -> str:
+    """Why a reward with no gradient cannot drive the DRaFT-family methods, and what to do instead."""
+    return (
+        f"reward '{name}' is not differentiable (its score carries no gradient to the images), so the DRaFT-family "
+        f"methods ({', '.join(METHOD_NAMES)}) cannot train on it: choose a differentiable reward (`python -m "
+        f"rewards list` marks them); RL methods for such rewards (DDPO, Flow-GRPO) are not in this release yet"
+    )
+
+
 def check_arguments(config: TrainConfig) -> None:
     """Everything that can be checked before a model is loaded: the model path, prompt sets, reward names, the
     output directory (and, for --resume, its checkpoint)."""
@@ -191,7 +200,8 @@ def check_arguments(config: TrainConfig) -> None:
         load_prompts(spec)
     members = parse_reward_spec(config.reward)
     for name in members:
-        get_entry(name)
+        if not get_entry(name).differentiable:
+            raise ValueError(not_differentiable_message(name))
     if config.reward_options or config.reward_weights is not None:
         if len(members) > 1:
             raise ValueError("--weights and --option apply to a single reward; build mixes with options in Python")

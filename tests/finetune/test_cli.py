@@ -56,6 +56,7 @@ def test_help_shows_defaults_and_a_recipe_without_heavy_imports():
         (["--model", "world", "--reward", "shapes", "--option", "objectiv=size"], "has no option objectiv"),
         (["--model", "world", "--reward", "shapes=1,brightness=1", "--option", "objective=size"], "single reward"),
         (["--model", "world", "--reward", "shapes"], "--option objective="),  # the hint in the CLI's spelling
+        (["--model", "world", "--reward", "jpeg-compressibility"], "'jpeg-compressibility' is not differentiable"),
     ],
 )
 def test_arguments_are_checked_before_loading(args, message, tmp_path, capsys, no_loading):
