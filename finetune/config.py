@@ -47,7 +47,8 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float | None = None
     """Defaults to the rank (LoRA scale 1)."""
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_targets: tuple[str, ...] | None = None
+    """Denoiser modules LoRA adapts (peft ``target_modules``); ``None``: the family's attention projections."""
     train_text_encoder: bool = False
 
     # Optimisation.

@@ -59,5 +59,5 @@ def test_inpainting_unet_is_refused():
 
 
 def test_missing_model_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"cannot load a Stable Diffusion pipeline from .*hf download"):
+    with pytest.raises(FileNotFoundError, match=r"cannot load a diffusers pipeline from .*hf download"):
         load_pipeline(tmp_path / "nope")

@@ -1,0 +1,305 @@
+"""Every model family on tiny random pipelines in diffusers' own classes: the sampler is the pipeline's own, every
+method trains from the CLI, gradients are cut where each method says, and the LoRA loads with the family's
+``load_lora_weights``."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from finetune.__main__ import main
+from finetune.config import TrainConfig
+from finetune.families import FAMILIES, family_for
+from finetune.methods import METHODS, BatchRandom, MethodSettings
+from finetune.pipelines import build_random_pipeline, load_pipeline
+from finetune.sampling import Sampler, generate
+from finetune.trainer import Trainer
+from rewards import get_reward
+
+VARIANTS = {
+    "sd": ("sd", "tiny"),
+    "sdxl": ("sdxl", "tiny"),
+    "sd3": ("sd3", "tiny"),
+    "flux": ("flux", "tiny"),
+    "flux-schnell": ("flux", "tiny-schnell"),
+}
+"""Test pipelines by name: (family, size)."""
+GUIDANCE = 3.0
+PROMPTS = ["a photo of a cat", "a red car"]
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """Each variant's tiny pipeline, saved with save_pretrained (built on first use)."""
+    root = tmp_path_factory.mktemp("families")
+    built = {}
+
+    def get(variant):
+        if variant not in built:
+            family, size = VARIANTS[variant]
+            built[variant] = root / variant
+            build_random_pipeline(size, seed=0, family=family).save_pretrained(built[variant])
+        return built[variant]
+
+    return get
+
+
+def config_for(tmp_path, **changes):
+    values = dict(
+        resolution=64,
+        num_inference_steps=3,
+        guidance_scale=GUIDANCE,
+        batch_size=2,
+        steps=1,
+        lr=3e-2,
+        weight_decay=0.0,
+        eval_seeds=(0,),
+        output_dir=str(tmp_path / "run"),
+    )
+    return TrainConfig(**{**values, **changes})
+
+
+def trainer_for(family_dirs, variant, tmp_path, **changes):
+    """A trainer on the variant's tiny pipeline, LoRA factors moved off zero so every factor gets a gradient."""
+    trainer = Trainer(load_pipeline(family_dirs(variant)), get_reward("contrast"), config_for(tmp_path, **changes))
+    with torch.no_grad():
+        for p in trainer.named_params.values():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return trainer
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sampler_reproduces_the_pipeline(family_dirs, variant):
+    """No LoRA: the project's sampler gives the diffusers pipeline's own images for the same prompts, initial
+    noise, steps, guidance and resolution."""
+    pipeline = load_pipeline(family_dirs(variant))
+    family = family_for(pipeline)
+    sampler = Sampler(family, 64, num_inference_steps=4, guidance_scale=GUIDANCE, checkpoint_unet=False)
+    ours = generate(sampler, PROMPTS, seeds=[7], batch_size=2)
+    noise = torch.randn((1, *sampler.latent_shape), generator=torch.Generator().manual_seed(7)).repeat(2, 1, 1, 1)
+    latents = family.initial_latents(noise, sampler.solver)
+    options = {"max_sequence_length": family.max_sequence_length} if variant.startswith("flux") else {}
+    theirs = pipeline(
+        PROMPTS,
+        num_inference_steps=4,
+        guidance_scale=GUIDANCE,
+        height=64,
+        width=64,
+        latents=latents,
+        output_type="pt",
+        **options,
+    ).images
+    assert ours.shape == theirs.shape == (2, 3, 64, 64)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert ours.std() > 0.01 and (ours[0] - ours[1]).abs().max() > 1e-3, "a degenerate image would prove nothing"
+
+
+def test_flux_guidance_goes_to_the_embedding_and_schnell_has_none(family_dirs):
+    dev = family_for(load_pipeline(family_dirs("flux")))
+    schnell = family_for(load_pipeline(family_dirs("flux-schnell")))
+    assert dev.guidance_embeds and not schnell.guidance_embeds
+    for family in (dev, schnell):
+        assert family.encode(["a cat"], GUIDANCE, 64).uncond is None, "FLUX never runs a second guidance pass"
+    seen = []
+    hook = dev.denoiser.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["guidance"]), with_kwargs=True)
+    Sampler(dev, 64, 1, guidance_scale=4.5).denoise(
+        torch.randn(1, 16, 16 * 4), dev.encode(["a cat"], 4.5, 64), 0, 1, grad=False
+    )
+    hook.remove()
+    assert seen[0].tolist() == [4.5]
+
+
+def test_flow_schedules_are_the_pipelines(family_dirs):
+    """SD3: the scheduler's shift 3; FLUX.1-dev: the dynamic shift mu of the packed token count; schnell: none."""
+    sd3 = Sampler(family_for(load_pipeline(family_dirs("sd3"))), 64, 4).solver.sigmas
+    smallest = 3 * 1e-3 / (1 + 2 * 1e-3)  # the scheduler's shifted sigma of training timestep 1
+    base = torch.linspace(1.0, smallest, 4, dtype=torch.float64)
+    torch.testing.assert_close(sd3, torch.cat([3 * base / (1 + 2 * base), torch.zeros(1, dtype=torch.float64)]).float())
+    shifted = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    dev = Sampler(family_for(load_pipeline(family_dirs("flux"))), 64, 4).solver.sigmas
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (16 - 256)  # 64 px: 8x8 latents, 16 packed tokens
+    expected = torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / shifted - 1))
+    torch.testing.assert_close(dev, torch.cat([expected, torch.zeros(1)]))
+    schnell = Sampler(family_for(load_pipeline(family_dirs("flux-schnell"))), 64, 4).solver.sigmas
+    torch.testing.assert_close(schnell, torch.cat([shifted, torch.zeros(1)]))
+
+
+def lora_gradient(trainer, method, settings, seed=0):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((1, *trainer.latent_shape), generator=generator)
+    generated = METHODS[method](
+        trainer.sampler, trainer._conditioning(PROMPTS[:1]), noise, settings, BatchRandom(generator, 1)
+    )
+    (-trainer.reward(trainer.sampler.decode(generated.latents)).mean()).backward()
+    return {name: p.grad.clone() for name, p in trainer.named_params.items() if p.grad is not None}
+
+
+def reference_gradient(trainer, cut, seed=0):
+    """The gradient of a hand-written sampling loop that keeps the graph everywhere except that the latents are
+    detached before schedule position ``cut``."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    sampler, family = trainer.sampler, trainer.family
+    noise = torch.randn((1, *trainer.latent_shape), generator=torch.Generator().manual_seed(seed))
+    conditioning = trainer._conditioning(PROMPTS[:1])
+    latents = family.initial_latents(noise, sampler.solver)
+    for index, t in enumerate(sampler.timesteps):
+        if index == cut:
+            latents = latents.detach()
+        output = family.guided(family.denoiser, latents, t, conditioning, sampler.guidance_scale)
+        latents = sampler.solver.step(output, index, latents)[0]
+    (-trainer.reward(sampler.decode(latents)).mean()).backward()
+    return {name: p.grad.clone() for name, p in trainer.named_params.items() if p.grad is not None}
+
+
+def distance(a, b):
+    return sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5 / sum(v.norm() ** 2 for v in b.values()) ** 0.5
+
+
+@pytest.mark.parametrize("variant", ["sd", "sdxl", "sd3", "flux"])
+def test_draft_k_cuts_the_gradient_at_step_t_minus_k(family_dirs, tmp_path, variant):
+    """DRaFT-K's gradient is that of a loop detached exactly before step T - K (and not one step off); DRaFT and
+    DRaFT-K with K = T are the loop with no detach."""
+    trainer = trainer_for(family_dirs, variant, tmp_path)
+    total = trainer.config.num_inference_steps
+    full = reference_gradient(trainer, cut=None)
+    assert len(full) == len(trainer.named_params)
+    for method, k in (("draft", total), ("draft-k", total)):
+        assert distance(lora_gradient(trainer, method, MethodSettings(k=k)), full) < 1e-4
+    references = {k: reference_gradient(trainer, cut=total - k) for k in (1, 2)}
+    for k in (1, 2):
+        assert distance(lora_gradient(trainer, "draft-k", MethodSettings(k=k)), references[k]) < 1e-4
+    assert distance(references[1], references[2]) > 1e-3, "the cut position must matter"
+    assert distance(references[2], full) > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["sd", "sdxl", "sd3", "flux"])
+def test_draft_lv_renoises_to_the_last_steps_level(family_dirs, tmp_path, variant, monkeypatch):
+    trainer = trainer_for(family_dirs, variant, tmp_path)
+    sampler, solver = trainer.sampler, trainer.sampler.solver
+    calls, inputs = [], []
+    renoise = sampler.renoise
+
+    def spy_renoise(x0, noise, index):
+        calls.append((x0, noise, index))
+        return renoise(x0, noise, index)
+
+    monkeypatch.setattr(sampler, "renoise", spy_renoise)
+    guided = trainer.family.guided
+    monkeypatch.setattr(
+        trainer.family,
+        "guided",
+        lambda d, latents, t, *rest: (
+            inputs.append((latents, t, torch.is_grad_enabled())) or guided(d, latents, t, *rest)
+        ),
+    )
+    noise = torch.randn((2, *trainer.latent_shape))
+    generated = METHODS["draft-lv"](
+        sampler, trainer._conditioning(PROMPTS), noise, MethodSettings(lv_n=2), BatchRandom(torch.Generator(), 2)
+    )
+    ((x0, fresh, index),) = calls
+    total = len(sampler.timesteps)
+    assert index == total - 1 and x0.shape[0] == 4 and generated.latents.shape[0] == 4
+    if isinstance(solver.scheduler, DDIMScheduler):
+        alpha = solver.scheduler.alphas_cumprod[int(sampler.timesteps[-1])]
+        expected = alpha.sqrt() * x0 + (1 - alpha).sqrt() * fresh
+    else:
+        sigma = solver.sigmas[total - 1]
+        expected = (1 - sigma) * x0 + sigma * fresh
+    grad_inputs = [(latents, t) for latents, t, grad in inputs if grad]
+    assert len(grad_inputs) == 1 and grad_inputs[0][1] == sampler.timesteps[-1]
+    torch.testing.assert_close(grad_inputs[0][0], expected)
+
+
+@pytest.mark.parametrize("variant", ["sd", "sdxl", "sd3", "flux"])
+def test_refl_returns_the_schedulers_x0(family_dirs, tmp_path, variant, monkeypatch):
+    trainer = trainer_for(family_dirs, variant, tmp_path)
+    sampler = trainer.sampler
+    seen = []
+    guided = trainer.family.guided
+
+    def spy(denoiser, latents, t, *rest):
+        output = guided(denoiser, latents, t, *rest)
+        if torch.is_grad_enabled():
+            seen.append((latents.detach(), t, output.detach()))
+        return output
+
+    monkeypatch.setattr(trainer.family, "guided", spy)
+    settings = MethodSettings(refl_range=(0.5, 0.5))  # stop at position 2 of 3: sigma / alpha not trivial
+    noise = torch.randn((2, *trainer.latent_shape))
+    generated = METHODS["refl"](
+        sampler, trainer._conditioning(PROMPTS), noise, settings, BatchRandom(torch.Generator(), 2)
+    )
+    ((latents, t, output),) = seen
+    index = sampler.timesteps.tolist().index(t.item())
+    assert index == 2
+    if isinstance(sampler.solver.scheduler, DDIMScheduler):
+        scheduler = DDIMScheduler.from_config(trainer.pipeline.scheduler.config)
+        scheduler.set_timesteps(3)
+        expected = scheduler.step(output, t, latents).pred_original_sample
+    else:
+        expected = latents - sampler.solver.sigmas[index] * output
+    assert generated.latents.requires_grad
+    torch.testing.assert_close(generated.latents.detach(), expected)
+
+
+@pytest.mark.parametrize("variant", ["sdxl", "sd3", "flux"])
+def test_only_lora_changes_and_targets_are_the_familys(family_dirs, tmp_path, variant):
+    trainer = trainer_for(family_dirs, variant, tmp_path)
+    family = trainer.family
+    targets = {name.split(".lora_")[0].split(".", 1)[1] for name in trainer.named_params}
+    leaves = {name.rsplit(".", 1)[-1] if not name.endswith("to_out.0") else "to_out.0" for name in targets}
+    assert leaves == set(family.lora_targets)
+    if variant == "flux":
+        assert any(name.startswith("single_transformer_blocks.") for name in targets)
+    trainer.train_step()
+    reference = load_pipeline(family_dirs(variant))
+    for name, module in reference.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        trained = getattr(trainer.pipeline, name).state_dict()
+        for key, value in module.state_dict().items():
+            stem, _, leaf = key.rpartition(".")
+            trained_key = key if key in trained else f"{stem}.base_layer.{leaf}"
+            torch.testing.assert_close(trained[trained_key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["draft", "draft-k", "draft-lv", "refl"])
+@pytest.mark.parametrize("variant", ["sdxl", "sd3", "flux"])
+def test_cli_trains_every_method(family_dirs, tmp_path, variant, method, capsys):
+    """A short CLI run writes every artefact; its LoRA loads with the family's load_lora_weights and changes the
+    pipeline's output."""
+    (tmp_path / "eval.txt").write_text("a photo of a dog\n")
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train", "--model", str(family_dirs(variant)), "--reward", "contrast", "--method", method,
+            "--k", "2", "--steps", "2", "--batch-size", "1", "--resolution", "64", "--num-inference-steps", "2",
+            "--guidance-scale", str(GUIDANCE), "--lr", "0.05", "--output-dir", str(out),
+            "--eval-prompts", str(tmp_path / "eval.txt"), "--eval-every", "2", "--checkpoint-every", "2",
+        ]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2] and "eval_reward" in lines[-1]
+    assert (out / "training_config.yaml").exists() and (out / "samples" / "step_000002.png").exists()
+    assert (out / "checkpoints" / "step_000002").exists() and list((out / "tensorboard").iterdir())
+
+    base = load_pipeline(family_dirs(variant))
+    tuned = load_pipeline(family_dirs(variant))
+    tuned.load_lora_weights(out)
+    images = []
+    for pipeline in (base, tuned):
+        sampler = Sampler(family_for(pipeline), 64, 2, GUIDANCE, checkpoint_unet=False)
+        images.append(generate(sampler, ["a photo of a dog"], [0], batch_size=1))
+    assert (images[0] - images[1]).abs().max() > 1e-4, "the loaded LoRA changes the output"
+
+
+def test_unsupported_pipelines_are_named(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    with pytest.raises(ValueError, match=r"PixArtAlphaPipeline is not a supported pipeline; supported: "):
+        load_pipeline(tmp_path)
+    with pytest.raises(ValueError, match=r"FluxPipeline \(FLUX.1 \(dev, schnell\)\)"):
+        family_for(torch.nn.Module())
+    assert set(FAMILIES) == {"sd", "sdxl", "sd3", "flux"}
