@@ -215,10 +215,113 @@ FAMILY_SIZES: dict[str, dict[str, dict]] = {
         ),
     },
 }
-"""Random pipelines of the other families by name (``PIPELINE_SIZES`` holds SD 1.x/2.x's)."""
+"""Random pipelines of the other families by name (``PIPELINE_SIZES`` holds SD 1.x/2.x's); the real geometries
+(``base``, ``3.5-medium``, ``3.5-large``, ``dev``, ``schnell``) are for the meta device (counts, no compute)."""
 FAMILY_SIZES["flux"]["tiny-schnell"] = dict(
     FAMILY_SIZES["flux"]["tiny"],
     transformer=dict(FAMILY_SIZES["flux"]["tiny"]["transformer"], guidance_embeds=False),
+    scheduler=FLUX_SCHNELL_SCHEDULER,
+)
+
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
+"""OpenAI CLIP ViT-L/14's text tower (every family's first text encoder)."""
+CLIP_G = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
+"""OpenCLIP ViT-bigG/14's text tower (SDXL's and SD3's second text encoder)."""
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+)
+"""T5 v1.1 XXL's encoder (SD3's third and FLUX's second text encoder)."""
+REAL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+FLOW_VAE = dict(use_quant_conv=False, use_post_quant_conv=False, latent_channels=16)
+
+FAMILY_SIZES["sdxl"]["base"] = dict(
+    # stabilityai/stable-diffusion-xl-base-1.0
+    unet=dict(
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        cross_attention_dim=2048,
+        norm_num_groups=32,
+    ),
+    vae=dict(REAL_VAE, latent_channels=4, scaling_factor=0.13025),
+    text=CLIP_L,
+    text_2=CLIP_G,
+    resolution=1024,
+)
+SD35 = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    attention_head_dim=64,
+    joint_attention_dim=4096,
+    pooled_projection_dim=2048,
+    qk_norm="rms_norm",
+)
+FAMILY_SIZES["sd3"]["3.5-medium"] = dict(
+    # stabilityai/stable-diffusion-3.5-medium (MMDiT-X: dual attention in the first 13 blocks)
+    transformer=dict(
+        SD35,
+        num_layers=24,
+        num_attention_heads=24,
+        caption_projection_dim=1536,
+        pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)),
+    ),
+    vae=dict(REAL_VAE, **FLOW_VAE, scaling_factor=1.5305, shift_factor=0.0609),
+    text=CLIP_L,
+    text_2=CLIP_G,
+    t5=T5_XXL,
+    resolution=1024,
+)
+FAMILY_SIZES["sd3"]["3.5-large"] = dict(
+    FAMILY_SIZES["sd3"]["3.5-medium"],
+    # stabilityai/stable-diffusion-3.5-large
+    transformer=dict(SD35, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192),
+)
+FAMILY_SIZES["flux"]["dev"] = dict(
+    # black-forest-labs/FLUX.1-dev
+    transformer=dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        axes_dims_rope=(16, 56, 56),
+        guidance_embeds=True,
+    ),
+    vae=dict(REAL_VAE, **FLOW_VAE, scaling_factor=0.3611, shift_factor=0.1159),
+    text=CLIP_L,
+    t5=T5_XXL,
+    scheduler=FLUX_DEV_SCHEDULER,
+    resolution=1024,
+)
+FAMILY_SIZES["flux"]["schnell"] = dict(
+    FAMILY_SIZES["flux"]["dev"],
+    # black-forest-labs/FLUX.1-schnell
+    transformer=dict(FAMILY_SIZES["flux"]["dev"]["transformer"], guidance_embeds=False),
     scheduler=FLUX_SCHNELL_SCHEDULER,
 )
 
@@ -243,6 +346,11 @@ def build_t5_tokenizer(words: str = T5_WORDS, max_length: int = 512) -> T5Tokeni
     return T5TokenizerFast(vocab=list(scores.items()), extra_ids=0, model_max_length=max_length)
 
 
+def _scheduler(cls: type, config: dict) -> object:
+    with torch.device("cpu"):  # schedulers keep their tables on the CPU, also when the models are built on meta
+        return cls(**config)
+
+
 def _vae(spec: dict, resolution: int) -> AutoencoderKL:
     blocks = len(spec["block_out_channels"])
     return AutoencoderKL(
@@ -256,12 +364,12 @@ def _vae(spec: dict, resolution: int) -> AutoencoderKL:
 
 
 def _clip(spec: dict, projection: bool = False) -> CLIPTextModel | CLIPTextModelWithProjection:
-    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **spec)
+    config = CLIPTextConfig(**{"vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu", **spec})
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def _t5(spec: dict, tokenizer: T5TokenizerFast) -> T5EncoderModel:
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), feed_forward_proj="gated-gelu", **spec))
+    return T5EncoderModel(T5Config(**{"vocab_size": len(tokenizer), "feed_forward_proj": "gated-gelu", **spec}))
 
 
 def _build_sd(spec: dict) -> StableDiffusionPipeline:
@@ -273,7 +381,7 @@ def _build_sd(spec: dict) -> StableDiffusionPipeline:
         text_encoder=_clip(spec["text"]),
         tokenizer=build_clip_tokenizer(),
         unet=unet,
-        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        scheduler=_scheduler(DDIMScheduler, SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -290,7 +398,7 @@ def _build_sdxl(spec: dict) -> StableDiffusionXLPipeline:
         tokenizer=build_clip_tokenizer(),
         tokenizer_2=build_clip_tokenizer(pad_token="!"),
         unet=UNet2DConditionModel(sample_size=latent_size, in_channels=4, out_channels=4, **spec["unet"]),
-        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        scheduler=_scheduler(EulerDiscreteScheduler, SDXL_SCHEDULER),
     )
 
 
@@ -300,11 +408,11 @@ def _build_sd3(spec: dict) -> StableDiffusion3Pipeline:
     t5_tokenizer = build_t5_tokenizer()
     return StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(sample_size=latent_size, **spec["transformer"]),
-        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        scheduler=_scheduler(FlowMatchEulerDiscreteScheduler, SD3_SCHEDULER),
         vae=vae,
         text_encoder=_clip(spec["text"], projection=True),
         tokenizer=build_clip_tokenizer(),
-        text_encoder_2=_clip(spec["text"], projection=True),
+        text_encoder_2=_clip(spec.get("text_2", spec["text"]), projection=True),
         tokenizer_2=build_clip_tokenizer(pad_token="!"),
         text_encoder_3=_t5(spec["t5"], t5_tokenizer),
         tokenizer_3=t5_tokenizer,
@@ -314,7 +422,7 @@ def _build_sd3(spec: dict) -> StableDiffusion3Pipeline:
 def _build_flux(spec: dict) -> FluxPipeline:
     t5_tokenizer = build_t5_tokenizer()
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**spec["scheduler"]),
+        scheduler=_scheduler(FlowMatchEulerDiscreteScheduler, spec["scheduler"]),
         vae=_vae(spec["vae"], spec["resolution"]),
         text_encoder=_clip(spec["text"]),
         tokenizer=build_clip_tokenizer(),
@@ -333,8 +441,10 @@ BUILDERS: dict[str, tuple[dict[str, dict], Callable[[dict], DiffusionPipeline]]]
 
 
 def build_random_pipeline(size: str = "tiny", seed: int = 0, family: str = "sd") -> DiffusionPipeline:
-    """A randomly initialised pipeline of a family (``sd``, ``sdxl``, ``sd3``, ``flux``) at a named size (SD:
-    ``tiny``, ``small`` or ``sd15``; the others: ``tiny``; FLUX also ``tiny-schnell``)."""
+    """A randomly initialised pipeline of a family (``sd``, ``sdxl``, ``sd3``, ``flux``) at a named size: ``tiny``
+    for each (FLUX also ``tiny-schnell``), SD's ``small``, and the real geometries (SD ``sd15``, SDXL ``base``, SD3
+    ``3.5-medium`` and ``3.5-large``, FLUX ``dev`` and ``schnell``: build those under ``torch.device("meta")``
+    unless there is memory for them)."""
     if family not in BUILDERS:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(BUILDERS)}")
     sizes, build = BUILDERS[family]

@@ -56,6 +56,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
     ) -> None:
         self.family = check_pipeline(pipeline)
+        config = config.with_defaults(self.family.defaults)
         config.validate()
         self.config = config
         self.pipeline = pipeline
@@ -119,7 +120,11 @@ class Trainer:
             chunk_size=config.grad_chunk_size,
             prefix_unet=compile_prefix(self.family.denoiser, config.compile_mode) if config.compile_prefix else None,
             timer=self.timer,
+            offload_text_encoders=config.offload_text_encoders,
         )
+        if config.offload_text_encoders:
+            for encoder in self.family.text_encoders():
+                encoder.to("cpu")
         self.method = METHODS[config.method]
         self.settings = MethodSettings(config.k, config.lv_n, tuple(config.refl_range))
         self.generator = torch.Generator().manual_seed(config.seed)

@@ -113,7 +113,10 @@ class FlowMatchSolver(Solver):
         num_inference_steps: int,
         sigmas: Sequence[float] | None = None,
         mu: float | None = None,
+        eta: float = 0.0,
     ) -> None:
+        if eta != 0.0:
+            raise ValueError(f"eta {eta}: flow-matching sampling is deterministic Euler; set eta to 0")
         for option in self.UNSUPPORTED:
             if scheduler.config.get(option):
                 raise ValueError(f"the scheduler's {option} option is not supported; set it to False in its config")
@@ -202,6 +205,11 @@ class Family(ABC):
         """The sampler's state at position 0 from noise of :meth:`latent_shape` (packed for FLUX)."""
         return solver.initial_latents(noise)
 
+    def guidance_passes(self, guidance_scale: float) -> int:
+        """Denoiser passes per image and step: two with classifier-free guidance (as the pipelines decide it: a
+        scale above 1), else one."""
+        return 2 if guidance_scale > 1.0 else 1
+
     @abstractmethod
     def encode(self, prompts: Sequence[str], guidance_scale: float, resolution: int) -> Conditioning:
         """Text conditioning of ``prompts``, with the empty prompt's when the family guides with two passes."""
@@ -240,6 +248,11 @@ class Family(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor, resolution: int) -> torch.Tensor:
         """VAE-decode the sampler's latents to images in the VAE's range [-1, 1]."""
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The pipeline's text encoders (``text_encoder``, ``text_encoder_2``, ...)."""
+        components = self.pipeline.components
+        return [module for name, module in components.items() if name.startswith("text_encoder") and module is not None]
 
     def components(self) -> list[torch.nn.Module]:
         """Every network of the pipeline (all frozen before LoRA is added)."""

@@ -23,7 +23,13 @@ class Flux(Family):
     denoiser_name = "transformer"
     lora_targets = JOINT_ATTENTION
     """Both streams of the double blocks; the single blocks' attention shares the ``to_q/k/v`` names."""
-    defaults = FamilyDefaults(resolution=1024, num_inference_steps=28, guidance_scale=3.5)
+    DEV = FamilyDefaults(resolution=1024, num_inference_steps=28, guidance_scale=3.5)
+    SCHNELL = FamilyDefaults(resolution=1024, num_inference_steps=4, guidance_scale=0.0)
+
+    @property
+    def defaults(self) -> FamilyDefaults:  # type: ignore[override]
+        """FLUX.1-dev's published usage, or schnell's (4 steps, no guidance) for a model without the embedding."""
+        return self.DEV if self.guidance_embeds else self.SCHNELL
 
     def check(self) -> None:
         flow_scheduler(self.pipeline)
@@ -51,6 +57,9 @@ class Flux(Family):
         channels, height, width = noise.shape[1:]
         return self.pipeline._pack_latents(noise, len(noise), channels, height, width)
 
+    def guidance_passes(self, guidance_scale: float) -> int:
+        return 1  # distilled guidance: one pass at any scale
+
     def solver(self, num_inference_steps: int, resolution: int, eta: float = 0.0) -> FlowMatchSolver:
         """As the pipeline: sigmas ``linspace(1, 1/T, T)`` shifted by ``mu`` of the packed token count."""
         scheduler = flow_scheduler(self.pipeline)
@@ -66,7 +75,7 @@ class Flux(Family):
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-        return FlowMatchSolver(scheduler, num_inference_steps, sigmas=sigmas, mu=mu)
+        return FlowMatchSolver(scheduler, num_inference_steps, sigmas=sigmas, mu=mu, eta=eta)
 
     def encode(self, prompts: Sequence[str], guidance_scale: float, resolution: int) -> Conditioning:
         """The pipeline's ``encode_prompt`` (T5 tokens, pooled CLIP) and the text and image position ids. No

@@ -49,6 +49,9 @@ class StableDiffusion(Family):
     def solver(self, num_inference_steps: int, resolution: int, eta: float = 0.0) -> DDIMSolver:
         return DDIMSolver(ddim_scheduler(self.pipeline), num_inference_steps, eta)
 
+    def guidance_passes(self, guidance_scale: float) -> int:
+        return 1 if guidance_scale == 1.0 else 2
+
     def encode(self, prompts: Sequence[str], guidance_scale: float, resolution: int) -> Conditioning:
         """CLIP's last hidden states of ``prompts`` (and of the empty prompt, encoded once, with guidance)."""
         pipeline = self.pipeline
@@ -64,7 +67,8 @@ class StableDiffusion(Family):
             return pipeline.text_encoder(tokens.input_ids.to(self.device))[0]
 
         cond = embed(prompts)
-        uncond = {"encoder_hidden_states": embed([""]).expand_as(cond)} if guidance_scale != 1.0 else None
+        guided = self.guidance_passes(guidance_scale) == 2
+        uncond = {"encoder_hidden_states": embed([""]).expand_as(cond)} if guided else None
         return Conditioning({"encoder_hidden_states": cond}, uncond)
 
     def predict(

@@ -59,12 +59,12 @@ class StableDiffusion3(Family):
                 config.get("base_shift", 0.5),
                 config.get("max_shift", 1.16),
             )
-        return FlowMatchSolver(scheduler, num_inference_steps, mu=mu)
+        return FlowMatchSolver(scheduler, num_inference_steps, mu=mu, eta=eta)
 
     def encode(self, prompts: Sequence[str], guidance_scale: float, resolution: int) -> Conditioning:
         """The pipeline's ``encode_prompt``: CLIP-L and CLIP-G hidden states side by side, padded to T5's width and
         joined with T5's tokens; pooled CLIP embeddings concatenated."""
-        guided = guidance_scale > 1.0
+        guided = self.guidance_passes(guidance_scale) == 2
         embeds, negative, pooled, negative_pooled = self.pipeline.encode_prompt(
             list(prompts),
             None,
@@ -88,7 +88,7 @@ class StableDiffusion3(Family):
     ) -> torch.Tensor:
         return denoiser(
             hidden_states=latents,
-            timestep=timestep.expand(latents.shape[0]),
+            timestep=timestep.expand(latents.shape[0]).to(latents.device),
             encoder_hidden_states=inputs["encoder_hidden_states"],
             pooled_projections=inputs["pooled_projections"],
             return_dict=False,

@@ -40,7 +40,7 @@ class StableDiffusionXL(Family):
         """The pipeline's ``encode_prompt`` (the empty prompt is all zeros when the model says so) and its
         ``add_time_ids`` for an uncropped square image of ``resolution``."""
         pipeline = self.pipeline
-        guided = guidance_scale > 1.0
+        guided = self.guidance_passes(guidance_scale) == 2
         embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
             list(prompts), device=self.device, do_classifier_free_guidance=guided
         )

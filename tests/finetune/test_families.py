@@ -3,16 +3,20 @@ method trains from the CLI, gradients are cut where each method says, and the Lo
 ``load_lora_weights``."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from safetensors.torch import load_file
 
 from finetune.__main__ import main
 from finetune.config import TrainConfig
 from finetune.families import FAMILIES, family_for
 from finetune.methods import METHODS, BatchRandom, MethodSettings
 from finetune.pipelines import build_random_pipeline, load_pipeline
+from finetune.profiling import component_flops, lower_bound_flops, step_work
 from finetune.sampling import Sampler, generate
 from finetune.trainer import Trainer
 from rewards import get_reward
@@ -265,11 +269,13 @@ def test_only_lora_changes_and_targets_are_the_familys(family_dirs, tmp_path, va
             torch.testing.assert_close(trained[trained_key], value, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ["draft", "draft-k", "draft-lv", "refl"])
-@pytest.mark.parametrize("variant", ["sdxl", "sd3", "flux"])
-def test_cli_trains_every_method(family_dirs, tmp_path, variant, method, capsys):
+@pytest.mark.parametrize(
+    ("variant", "method"), [("sdxl", "draft-k"), ("sd3", "draft-lv"), ("flux", "refl"), ("flux-schnell", "draft")]
+)
+def test_cli_trains_each_family(family_dirs, tmp_path, variant, method, capsys):
     """A short CLI run writes every artefact; its LoRA loads with the family's load_lora_weights and changes the
-    pipeline's output."""
+    pipeline's output. (Each method runs on every family in the gradient tests above; here each family and each
+    method go through the CLI once, to keep the suite short.)"""
     (tmp_path / "eval.txt").write_text("a photo of a dog\n")
     out = tmp_path / "run"
     code = main(
@@ -303,3 +309,112 @@ def test_unsupported_pipelines_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"FluxPipeline \(FLUX.1 \(dev, schnell\)\)"):
         family_for(torch.nn.Module())
     assert set(FAMILIES) == {"sd", "sdxl", "sd3", "flux"}
+
+
+REAL_GEOMETRIES = {
+    # (family, size): (denoiser parameters counted here, the published figure, its source)
+    ("sdxl", "base"): (2_567_463_684, 2.6e9, "SDXL paper (Podell et al., 2023), Table 1: UNet 2.6B"),
+    ("sd3", "3.5-large"): (8_056_627_520, 8.1e9, "Stability AI, SD3.5 Large model card: 8.1 billion parameters"),
+    ("flux", "dev"): (11_901_408_320, 12e9, "Black Forest Labs, FLUX.1 [dev] model card: 12 billion parameters"),
+    # Stability AI announces SD3.5 Medium with "2.5 billion parameters"; the MMDiT-X built from the published
+    # transformer configuration (24 blocks, 24 heads, dual attention in blocks 0-12) has 2.24B, 10% fewer.
+    ("sd3", "3.5-medium"): (2_243_171_520, 2.5e9, "Stability AI, SD3.5 announcement: 2.5 billion parameters"),
+}
+
+
+@pytest.mark.parametrize(("family", "size"), REAL_GEOMETRIES)
+def test_real_geometries_on_the_meta_device(family, size):
+    """Parameter counts of the real denoisers against the published figures, and the FLOP floor of a DRaFT-1 step
+    at the family's native resolution (batch 1) from the components' counted FLOPs."""
+    counted, published, _ = REAL_GEOMETRIES[(family, size)]
+    with torch.device("meta"):
+        pipeline = build_random_pipeline(size, family=family)
+        reward = get_reward("aesthetic", pretrained=False)
+        resolved = family_for(pipeline)
+        parameters = sum(p.numel() for p in resolved.denoiser.parameters())
+        components = component_flops(pipeline, reward, resolved.defaults.resolution)
+    assert parameters == counted
+    assert parameters == pytest.approx(published, rel=0.12 if size == "3.5-medium" else 0.02)
+    # A transformer evaluation costs about 2 FLOPs per parameter per image token (plus attention); a UNet more.
+    tokens = (resolved.defaults.resolution // 16) ** 2
+    assert components["denoiser"] > 2 * parameters * tokens * (0.5 if family == "sdxl" else 1.0)
+    config = TrainConfig(method="draft-k", k=1, batch_size=1).with_defaults(resolved.defaults)
+    floor = lower_bound_flops(step_work(config, resolved.guidance_passes(config.guidance_scale)), components)
+    passes = 1 if family == "flux" else 2
+    assert floor > config.num_inference_steps * passes * components["denoiser"]
+
+
+def test_family_defaults_are_filled_in_and_recorded(family_dirs, tmp_path):
+    trainer = Trainer(
+        load_pipeline(family_dirs("flux")), get_reward("contrast"), TrainConfig(output_dir=str(tmp_path / "run"))
+    )
+    config = trainer.config
+    assert (config.resolution, config.num_inference_steps, config.guidance_scale) == (1024, 28, 3.5)
+    assert trainer.latent_shape == (16, 128, 128)
+    schnell = family_for(load_pipeline(family_dirs("flux-schnell"))).defaults
+    assert (schnell.num_inference_steps, schnell.guidance_scale) == (4, 0.0)
+    config.save(tmp_path / "training_config.yaml")
+    assert TrainConfig.load(tmp_path / "training_config.yaml").guidance_scale == 3.5
+    with pytest.raises(ValueError, match="flow-matching sampling is deterministic Euler; set eta to 0"):
+        Trainer(load_pipeline(family_dirs("sd3")), get_reward("contrast"), config_for(tmp_path, eta=0.5))
+    with pytest.raises(ValueError, match=r"resolution 72 is not divisible by 16"):
+        Trainer(load_pipeline(family_dirs("flux")), get_reward("contrast"), config_for(tmp_path, resolution=72))
+
+
+def test_offloaded_text_encoders_run_on_the_denoisers_device(family_dirs, tmp_path):
+    """Each encoding sees every text encoder on the trainer's device and leaves them on the CPU (on a CPU-only
+    machine both are the CPU: this checks the path, the GPU memory saving needs a GPU)."""
+    config = config_for(tmp_path, offload_text_encoders=True, num_inference_steps=2, batch_size=1)
+    trainer = Trainer(load_pipeline(family_dirs("sd3")), get_reward("contrast"), config)
+    encoders = trainer.family.text_encoders()
+    seen = []
+    for encoder in encoders:
+        encoder.register_forward_pre_hook(lambda module, args: seen.append(next(module.parameters()).device))
+    assert torch.isfinite(torch.tensor(trainer.train_step()["loss"]))
+    assert len(encoders) == 3 and len(seen) >= 3 and set(seen) == {trainer.device}
+    assert all(next(encoder.parameters()).device.type == "cpu" for encoder in encoders)
+    with pytest.raises(ValueError, match="cannot train one"):
+        config.replace(train_text_encoder=True)
+
+
+def test_flow_family_resume_is_bitwise_identical(family_dirs, tmp_path):
+    config = config_for(tmp_path, method="draft-lv", num_inference_steps=2, batch_size=1, checkpoint_every=2)
+    runs = {}
+    for name, steps, resume in (("straight", 4, False), ("interrupted", 2, False), ("interrupted", 4, True)):
+        trainer = Trainer(
+            load_pipeline(family_dirs("flux")),
+            get_reward("contrast"),
+            config.replace(steps=steps, resume=resume, output_dir=str(tmp_path / name)),
+            eval_prompts=["a cat"],
+        )
+        trainer.train()
+        runs[name] = trainer
+    assert runs["interrupted"].step == 4
+    for name, p in runs["straight"].named_params.items():
+        assert torch.equal(p, runs["interrupted"].named_params[name]), name
+    assert any(p.abs().max() > 0 for name, p in runs["straight"].named_params.items() if "lora_B" in name)
+
+
+@pytest.mark.slow
+def test_flow_family_two_processes_equal_one(family_dirs, tmp_path):
+    """Data parallel on FLUX: two CPU processes (torchrun, gloo) with batch 1 make one process's batch-2 update."""
+    (tmp_path / "eval.txt").write_text("a photo of a dog\n")
+    loras = []
+    for processes, batch in ((1, 2), (2, 1)):
+        out = tmp_path / f"run-{processes}"
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command = [
+            sys.executable, *(launcher if processes > 1 else []), "-m", "finetune", "train",
+            "--model", str(family_dirs("flux")), "--reward", "contrast", "--method", "draft-lv", "--steps", "2",
+            "--batch-size", str(batch), "--resolution", "64", "--num-inference-steps", "2", "--lr", "0.01",
+            "--output-dir", str(out), "--device", "cpu", "--eval-every", "100",
+            "--eval-prompts", str(tmp_path / "eval.txt"),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        loras.append(load_file(str(out / "pytorch_lora_weights.safetensors")))
+    single, double = loras
+    assert single.keys() == double.keys() and single
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], rtol=0, atol=1e-5)
+    assert max(v.abs().max().item() for k, v in single.items() if "lora_B" in k or "lora.up" in k) > 1e-3
