@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 
@@ -21,11 +22,18 @@ def save_lora_weights(family: Family, directory: Path, text_encoder: bool = Fals
     Written to a temporary file first, then renamed."""
     directory.mkdir(parents=True, exist_ok=True)
     name, denoiser = family.denoiser_name, family.denoiser
-    layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))}
+
+    def state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        # As diffusers' training scripts: UNet-family LoRAs in diffusers' key names, transformer families' in peft's
+        # (diffusers' conversion renames only some transformer projections, and the SD3 loader misreads the mix).
+        state = get_peft_model_state_dict(module)
+        return convert_state_dict_to_diffusers(state) if name == "unet" else state
+
+    layers = {f"{name}_lora_layers": state_dict(denoiser)}
     metadata = {f"{name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()}
     if text_encoder:
         encoder = family.pipeline.text_encoder
-        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+        layers["text_encoder_lora_layers"] = state_dict(encoder)
         metadata["text_encoder_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
     with tempfile.TemporaryDirectory(dir=directory, prefix=".lora-") as staging:
         family.pipeline_class.save_lora_weights(staging, **layers, **metadata, safe_serialization=True)
