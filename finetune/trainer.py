@@ -85,7 +85,9 @@ class Trainer:
         self._add_lora()
         # Frozen weights in the compute precision on GPU (memory); trainable LoRA weights always in fp32.
         weight_dtype = self.autocast_dtype if self.device.type == "cuda" and self.autocast_dtype else torch.float32
-        pipeline.to(self.device)
+        offloaded = self.family.text_encoders() if config.offload_text_encoders else []
+        for module in self.family.components():  # offloaded text encoders stay on the CPU between encodings
+            module.to("cpu" if any(module is encoder for encoder in offloaded) else self.device)
         if weight_dtype != torch.float32:
             pipeline.to(dtype=weight_dtype)
         trained = ((self.family.denoiser_name, self.family.denoiser), ("text_encoder", pipeline.text_encoder))
@@ -122,9 +124,6 @@ class Trainer:
             timer=self.timer,
             offload_text_encoders=config.offload_text_encoders,
         )
-        if config.offload_text_encoders:
-            for encoder in self.family.text_encoders():
-                encoder.to("cpu")
         self.method = METHODS[config.method]
         self.settings = MethodSettings(config.k, config.lv_n, tuple(config.refl_range))
         self.generator = torch.Generator().manual_seed(config.seed)
