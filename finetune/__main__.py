@@ -28,6 +28,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "guidance_scale": dict(type=float, help="default: the model family's (FLUX.1-dev: its guidance embedding)"),
     "lora_rank": dict(type=int),
     "lora_alpha": dict(type=float),
+    "lora_targets": dict(nargs="+", help="denoiser modules to adapt (default: the model family's attention)"),
     "train_text_encoder": dict(action=argparse.BooleanOptionalAction),
     "offload_text_encoders": dict(action=argparse.BooleanOptionalAction, help="text encoders on the CPU between uses"),
     "lr": dict(type=float),

@@ -292,6 +292,7 @@ def test_cli_trains_each_family(family_dirs, tmp_path, variant, method, capsys):
             "--k", "2", "--steps", "1", "--batch-size", "1", "--resolution", "64", "--num-inference-steps", "2",
             "--guidance-scale", str(GUIDANCE), "--lr", "0.05", "--output-dir", str(out),
             "--eval-prompts", str(tmp_path / "eval.txt"), "--eval-every", "1", "--checkpoint-every", "1",
+            *(["--lora-targets", "to_q", "to_v"] if variant == "flux-schnell" else []),
         ]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
@@ -299,6 +300,10 @@ def test_cli_trains_each_family(family_dirs, tmp_path, variant, method, capsys):
     assert [m["step"] for m in lines] == [0, 1] and "eval_reward" in lines[-1] and "loss" in lines[-1]
     assert (out / "training_config.yaml").exists() and (out / "samples" / "step_000001.png").exists()
     assert (out / "checkpoints" / "step_000001").exists() and list((out / "tensorboard").iterdir())
+    saved = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    default = {target.rsplit(".", 1)[-1] for target in FAMILIES[VARIANTS[variant][0]].lora_targets}
+    expected = {"to_q", "to_v"} if variant == "flux-schnell" else default  # --lora-targets on schnell's run
+    assert {key.split(".lora")[0].rsplit(".", 1)[-1] for key in saved} == expected
 
     base = load_pipeline(family_dirs(variant))
     tuned = load_pipeline(family_dirs(variant))
@@ -386,7 +391,9 @@ def test_offloaded_text_encoders_run_on_the_denoisers_device(family_dirs, tmp_pa
 
 
 def test_flow_family_resume_is_bitwise_identical(family_dirs, tmp_path):
-    config = config_for(tmp_path, method="draft-lv", num_inference_steps=2, batch_size=1, checkpoint_every=2)
+    config = config_for(
+        tmp_path, method="draft-lv", num_inference_steps=2, batch_size=1, checkpoint_every=2, eval_seeds=(0, 1)
+    )
     runs = {}
     for name, steps, resume in (("straight", 4, False), ("interrupted", 2, False), ("interrupted", 4, True)):
         trainer = Trainer(
