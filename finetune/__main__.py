@@ -24,8 +24,8 @@ WORLD_MODEL = "world"
 
 FLAGS: dict[str, dict[str, Any]] = {
     "model": dict(
-        help=f"hub id or local diffusers directory of an SD 1.x/2.x pipeline, or '{WORLD_MODEL}' for the embedded "
-        "shapes world (required)"
+        help="hub id or local diffusers directory of an SD 1.x/2.x, SDXL, SD3/3.5 or FLUX.1 pipeline, or "
+        f"'{WORLD_MODEL}' for the embedded shapes world (required)"
     ),
     "reward": dict(help="reward name or weighted mix, e.g. 'aesthetic' or 'aesthetic=1,brightness=0.5'"),
     "reward_normalize": dict(action=argparse.BooleanOptionalAction, help="standardise mix members by their scale"),
@@ -35,12 +35,14 @@ FLAGS: dict[str, dict[str, Any]] = {
     "steps": dict(type=int, help="optimizer steps"),
     "batch_size": dict(type=int),
     "grad_accum": dict(type=int, help="micro-batches per optimizer step"),
-    "resolution": dict(type=int, help="image side in pixels (multiple of 8)"),
-    "num_inference_steps": dict(type=int, help="DDIM sampling steps T"),
-    "guidance_scale": dict(type=float),
+    "resolution": dict(type=int, help="image side in pixels (default: the model family's)"),
+    "num_inference_steps": dict(type=int, help="sampling steps T (default: the model family's)"),
+    "guidance_scale": dict(type=float, help="default: the model family's (FLUX.1-dev: its guidance embedding)"),
     "lora_rank": dict(type=int),
     "lora_alpha": dict(type=float),
+    "lora_targets": dict(nargs="+", help="denoiser modules to adapt (default: the model family's attention)"),
     "train_text_encoder": dict(action=argparse.BooleanOptionalAction),
+    "offload_text_encoders": dict(action=argparse.BooleanOptionalAction, help="text encoders on the CPU between uses"),
     "lr": dict(type=float),
     "weight_decay": dict(type=float),
     "max_grad_norm": dict(type=float),

@@ -6,9 +6,12 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from finetune.families import FamilyDefaults
 
 METHOD_NAMES = ("draft", "draft-k", "draft-lv", "refl")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -20,9 +23,11 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class TrainConfig:
     """Everything a fine-tuning run needs besides the pipeline and the reward objects.
 
-    Defaults follow the DRaFT setup as reported (50 DDIM steps, guidance 7.5, K = 1, LV n = 2, AdamW, LoRA on the
-    UNet attention projections); learning rate, rank and weight decay are the values unofficial reproductions
-    attribute to the paper.
+    Defaults follow the DRaFT setup as reported (K = 1, LV n = 2, AdamW, LoRA on the denoiser's attention
+    projections); learning rate, rank and weight decay are the values unofficial reproductions attribute to the
+    paper. Resolution, sampling steps and guidance default to the model family's published usage (SD 1.x/2.x:
+    512 px, 50 DDIM steps, guidance 7.5 as in DRaFT; see ``finetune.families``); the trainer fills them in
+    (:meth:`with_defaults`), so ``training_config.yaml`` records the values used.
     """
 
     # What to train.
@@ -43,18 +48,23 @@ class TrainConfig:
     refl_range: tuple[float, float] = (0.75, 1.0)
     """ReFL: the no-grad prefix stops at a random fraction of the schedule in this range."""
 
-    # Sampling.
-    resolution: int = 512
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    # Sampling (``None``: the model family's default).
+    resolution: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale; FLUX.1-dev feeds it to its guidance embedding, FLUX.1-schnell ignores it."""
     eta: float = 0.0
+    """DDIM's eta (SD 1.x/2.x and SDXL); flow-matching families need 0."""
 
     # LoRA.
     lora_rank: int = 8
     lora_alpha: float | None = None
     """Defaults to the rank (LoRA scale 1)."""
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_targets: tuple[str, ...] | None = None
+    """Denoiser modules LoRA adapts (peft ``target_modules``); ``None``: the family's attention projections."""
     train_text_encoder: bool = False
+    offload_text_encoders: bool = False
+    """Keep the frozen text encoders on the CPU, moving them to the GPU only to encode a batch's prompts."""
 
     # Optimisation.
     steps: int = 1000
@@ -117,9 +127,9 @@ class TrainConfig:
             close = difflib.get_close_matches(self.method, METHOD_NAMES, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"unknown method '{self.method}'.{hint} Choose from {', '.join(METHOD_NAMES)}.")
-        if self.num_inference_steps < 1:
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1; got {self.num_inference_steps}")
-        if self.method == "draft-k" and not 1 <= self.k <= self.num_inference_steps:
+        if self.method == "draft-k" and not 1 <= self.k <= (self.num_inference_steps or self.k):
             raise ValueError(
                 f"K = {self.k} must be between 1 and the number of sampling steps ({self.num_inference_steps})"
             )
@@ -128,7 +138,7 @@ class TrainConfig:
         low, high = self.refl_range
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"refl_range must satisfy 0 <= low <= high <= 1; got {self.refl_range}")
-        if self.resolution % 8 != 0 or self.resolution <= 0:
+        if self.resolution is not None and (self.resolution % 8 != 0 or self.resolution <= 0):
             raise ValueError(f"resolution {self.resolution} must be a positive multiple of 8 (the VAE's factor)")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}; got {self.mixed_precision}")
@@ -136,11 +146,23 @@ class TrainConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}; got {self.attention!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}; got {self.compile_mode!r}")
+        if self.offload_text_encoders and self.train_text_encoder:
+            raise ValueError("offload_text_encoders keeps frozen encoders off the GPU; it cannot train one")
         if self.grad_chunk_size is not None and self.grad_chunk_size < 1:
             raise ValueError(f"grad_chunk_size must be at least 1 (or None: whole batch); got {self.grad_chunk_size}")
         for name in ("steps", "batch_size", "grad_accum", "lora_rank", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+
+    def with_defaults(self, defaults: FamilyDefaults) -> TrainConfig:
+        """This configuration with the unset sampling settings taken from a model family's defaults."""
+        return self.replace(
+            **{
+                name: getattr(defaults, name)
+                for name in ("resolution", "num_inference_steps", "guidance_scale")
+                if getattr(self, name) is None
+            }
+        )
 
     @property
     def effective_k(self) -> int:

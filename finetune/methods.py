@@ -1,5 +1,5 @@
 """Reward-gradient methods: each turns (sampler, text conditioning, initial noise) into clean latents that carry
-the graph.
+the graph. They are family-agnostic: the sampler's family supplies the model calls and the solver.
 
 The trainer decodes the returned latents, scores the images with the reward and minimises ``-mean(reward)``; a
 method decides which sampling steps keep the graph:
@@ -66,7 +66,8 @@ def draft_k(
 ) -> Generated:
     """DRaFT-K: no-grad prefix of T - K steps, then K grad steps."""
     total = len(sampler.timesteps)
-    latents = sampler.denoise(noise, conditioning, 0, total - settings.k, grad=False, generator=rng.generator)
+    latents = sampler.initial_latents(noise)
+    latents = sampler.denoise(latents, conditioning, 0, total - settings.k, grad=False, generator=rng.generator)
     latents = sampler.denoise(latents, conditioning, total - settings.k, total, grad=True, generator=rng.generator)
     return Generated(latents, torch.arange(len(noise)))
 
@@ -85,12 +86,11 @@ def draft_lv(
     """DRaFT-LV: sample x0 without grad, re-noise it ``lv_n`` times to the last step's level, denoise each copy once
     with grad. The copies of one prompt are consecutive in the batch."""
     total = len(sampler.timesteps)
-    x0 = sampler.denoise(noise, conditioning, 0, total, grad=False, generator=rng.generator)
+    x0 = sampler.denoise(sampler.initial_latents(noise), conditioning, 0, total, grad=False, generator=rng.generator)
     n = settings.lv_n
     x0 = x0.repeat_interleave(n, dim=0)
     fresh = rng.normal(tuple(x0.shape[1:]), copies=n).to(x0.device, x0.dtype)
-    last_t = sampler.timesteps[-1]
-    noisy = sampler.scheduler.add_noise(x0, fresh, last_t.reshape(1))
+    noisy = sampler.renoise(x0, fresh, total - 1)
     latents = sampler.denoise(noisy, conditioning.repeat(n), total - 1, total, grad=True, generator=rng.generator)
     return Generated(latents, torch.arange(len(noise)).repeat_interleave(n))
 
@@ -102,7 +102,9 @@ def refl(
     whose predicted x0 is decoded and rewarded."""
     low, high = refl_stop_range(len(sampler.timesteps), settings.refl_range)
     stop = int(torch.randint(low, high + 1, (1,), generator=rng.generator))
-    latents = sampler.denoise(noise, conditioning, 0, stop, grad=False, generator=rng.generator)
+    latents = sampler.denoise(
+        sampler.initial_latents(noise), conditioning, 0, stop, grad=False, generator=rng.generator
+    )
     x0 = sampler.predict_x0(latents, stop, conditioning, rng.generator)
     return Generated(x0, torch.arange(len(noise)))
 

@@ -5,8 +5,9 @@ counts each phase's FLOPs.
 
 The cost model follows ``shared/reference/PERFORMANCE.md``: a step's minimum work is every forward once plus, for
 the parts that keep the graph, one backward of about the forward's cost (frozen weights need input gradients
-only; no recomputation), built from the forward FLOPs of one UNet evaluation, one VAE decode, one reward call and
-one text encoding (:func:`component_flops`). Divided by the device's peak rate it is the step's time floor.
+only; no recomputation), built from the forward FLOPs of one denoiser evaluation (UNet or transformer), one VAE
+decode, one reward call and one text encoding (:func:`component_flops`). Divided by the device's peak rate it is
+the step's time floor.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from finetune.families import family_for
 from finetune.methods import refl_stop_range
 from finetune.timing import PhaseTimer
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     from finetune.config import TrainConfig
     from finetune.trainer import Trainer
@@ -86,44 +88,54 @@ def measured_peak_flops(
 
 
 def component_flops(
-    pipeline: StableDiffusionPipeline, reward: Callable[..., torch.Tensor], resolution: int
+    pipeline: DiffusionPipeline, reward: Callable[..., torch.Tensor], resolution: int
 ) -> dict[str, int]:
-    """Forward FLOPs per image of each component: one UNet evaluation (one guidance branch), one VAE decode,
-    one reward call, one text encoding. Build the pipeline and reward on the meta device to count a full-size
-    model in a second without computing it."""
-    device = pipeline.unet.device
-    scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    latents = torch.zeros(1, pipeline.unet.config.in_channels, resolution // scale, resolution // scale, device=device)
-    length = pipeline.tokenizer.model_max_length
-    tokens = torch.zeros(1, length, dtype=torch.long, device=device)
-    text = torch.zeros(1, length, pipeline.text_encoder.config.hidden_size, device=device)
+    """Forward FLOPs per image of each component, as the family's sampler calls them: one denoiser evaluation
+    (one guidance branch), one VAE decode, one reward call, one text encoding (every text encoder of the family).
+    Build the pipeline and reward on the meta device to count a full-size model in a second without computing
+    it."""
+    family = family_for(pipeline)
+    device = family.device
+    solver = family.solver(1, resolution)
+    latents = family.initial_latents(torch.zeros(1, *family.latent_shape(resolution), device=device), solver)
     images = torch.zeros(1, 3, resolution, resolution, device=device)
     score = getattr(reward, "compute", reward)  # a Reward's unvalidated path (validation reads values)
     with torch.no_grad():
+        conditioning = family.encode(["a photo"], 1.0, resolution)
         return {
-            "unet": count_flops(pipeline.unet, latents, torch.tensor(999, device=device), encoder_hidden_states=text),
-            "decode": count_flops(pipeline.vae.decode, latents),
+            "denoiser": count_flops(
+                family.predict,
+                family.denoiser,
+                latents,
+                solver.timesteps[0],
+                conditioning.cond,
+                conditioning.shared,
+                family.defaults.guidance_scale,
+            ),
+            "decode": count_flops(family.decode, latents, resolution),
             "reward": count_flops(score, images, ["a photo"]),
-            "text encoder": count_flops(pipeline.text_encoder, tokens),
+            "text encoder": count_flops(family.encode, ["a photo"], 1.0, resolution),
         }
 
 
 @dataclass(frozen=True)
 class StepWork:
-    """How many times a training step runs each component, per image count (one UNet evaluation = one image,
+    """How many times a training step runs each component, per image count (one denoiser evaluation = one image,
     one guidance branch)."""
 
-    unet_no_grad: float
-    unet_grad: float
+    denoiser_no_grad: float
+    denoiser_grad: float
     decodes: float
     rewards: float
     text_encodings: float
 
 
-def step_work(config: TrainConfig) -> StepWork:
-    """The work of one optimizer step of ``config`` (ReFL: its expected stopping step)."""
+def step_work(config: TrainConfig, passes: int | None = None) -> StepWork:
+    """The work of one optimizer step of ``config`` (ReFL: its expected stopping step), with ``passes`` denoiser
+    passes per image and step (the family's :meth:`~finetune.families.base.Family.guidance_passes`; by default
+    two unless the guidance scale is 1)."""
     batch = config.batch_size * config.grad_accum
-    branches = 1 if config.guidance_scale == 1.0 else 2
+    branches = passes or (1 if config.guidance_scale == 1.0 else 2)
     total = config.num_inference_steps
     texts = batch + (config.grad_accum if branches == 2 else 0)  # the empty prompt once per micro-batch
     if config.method == "draft-lv":
@@ -139,9 +151,11 @@ def step_work(config: TrainConfig) -> StepWork:
 def lower_bound_flops(work: StepWork, components: dict[str, int]) -> float:
     """Minimum FLOPs of a step: no-grad forwards once; graph-keeping forwards twice (forward + input-gradient
     backward); no recomputation, no weight gradients."""
-    forward_only = work.unet_no_grad * components["unet"] + work.text_encodings * components["text encoder"]
+    forward_only = work.denoiser_no_grad * components["denoiser"] + work.text_encodings * components["text encoder"]
     with_backward = (
-        work.unet_grad * components["unet"] + work.decodes * components["decode"] + work.rewards * components["reward"]
+        work.denoiser_grad * components["denoiser"]
+        + work.decodes * components["decode"]
+        + work.rewards * components["reward"]
     )
     return forward_only + 2 * with_backward
 
@@ -149,9 +163,10 @@ def lower_bound_flops(work: StepWork, components: dict[str, int]) -> float:
 def step_floor_flops(trainer: Trainer) -> float:
     """The FLOP lower bound of one of ``trainer``'s optimizer steps, from its pipeline's and reward's component
     counts (counted under the trainer's autocast, as the step runs: on a GPU the frozen weights are bf16)."""
+    config = trainer.config
     with trainer.autocast():
-        components = component_flops(trainer.pipeline, trainer.reward, trainer.config.resolution)
-    return lower_bound_flops(step_work(trainer.config), components)
+        components = component_flops(trainer.pipeline, trainer.reward, config.resolution)
+    return lower_bound_flops(step_work(config, trainer.family.guidance_passes(config.guidance_scale)), components)
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""DDIM sampling with classifier-free guidance that gradients can flow through.
+"""Guided sampling that gradients can flow through, for every model family.
 
-The scheduler maths is diffusers' own (``DDIMScheduler.step``); this module only decides which steps run under
-``torch.no_grad`` and which keep the graph. Each grad-step UNet call is optionally checkpointed (so peak memory
-stays nearly flat as the number of grad steps grows) in chunks of ``chunk_size`` images (so the recomputation
-during backward holds one chunk's activations, not the batch's). The no-grad steps can run through a
-``torch.compile``d UNet.
+The model maths is the family's (:mod:`finetune.families`: conditioning, the guided denoiser call, the solver
+step of diffusers' scheduler, decode); this module only decides which steps run under ``torch.no_grad`` and which
+keep the graph. Each grad-step denoiser call is optionally checkpointed (so peak memory stays nearly flat as the
+number of grad steps grows) in chunks of ``chunk_size`` images (so the recomputation during backward holds one
+chunk's activations, not the batch's). The no-grad steps can run through a ``torch.compile``d denoiser.
 """
 
 from __future__ import annotations
@@ -15,46 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch.utils.checkpoint import checkpoint
 
+from finetune.families import Conditioning, Family
 from finetune.timing import PhaseTimer
-
-
-@dataclass
-class Conditioning:
-    """Text embeddings of a batch: ``cond`` [B, L, D] and, with guidance, ``uncond`` (the empty prompt) [B, L, D]."""
-
-    cond: torch.Tensor
-    uncond: torch.Tensor | None
-
-    def repeat(self, n: int) -> Conditioning:
-        """Each row repeated ``n`` times (row-major: a, a, b, b for n = 2)."""
-        uncond = None if self.uncond is None else self.uncond.repeat_interleave(n, dim=0)
-        return Conditioning(self.cond.repeat_interleave(n, dim=0), uncond)
-
-    def rows(self, index: slice) -> Conditioning:
-        """The embeddings of the batch rows ``index``."""
-        return Conditioning(self.cond[index], None if self.uncond is None else self.uncond[index])
-
-
-def encode_prompts(pipeline: StableDiffusionPipeline, prompts: Sequence[str], guidance_scale: float) -> Conditioning:
-    """Text embeddings for ``prompts`` (and the empty prompt when ``guidance_scale != 1``), on the UNet's device."""
-    device = pipeline.unet.device
-
-    def embed(texts: Sequence[str]) -> torch.Tensor:
-        tokens = pipeline.tokenizer(
-            list(texts),
-            padding="max_length",
-            max_length=pipeline.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return pipeline.text_encoder(tokens.input_ids.to(device))[0]
-
-    cond = embed(prompts)
-    uncond = embed([""]).expand_as(cond) if guidance_scale != 1.0 else None
-    return Conditioning(cond, uncond)
 
 
 def batch_slices(total: int, size: int | None) -> list[slice]:
@@ -65,40 +29,65 @@ def batch_slices(total: int, size: int | None) -> list[slice]:
 
 @dataclass
 class Sampler:
-    """DDIM with classifier-free guidance over a fixed ``num_inference_steps`` schedule."""
+    """A family's sampler with guidance over a fixed ``num_inference_steps`` schedule at one resolution."""
 
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    scheduler: DDIMScheduler
+    family: Family
+    resolution: int
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     eta: float = 0.0
+    """DDIM's eta (DDIM families only)."""
     checkpoint_unet: bool = True
+    """Checkpoint each grad-step denoiser call (UNet or transformer)."""
     checkpoint_decode: bool = False
     chunk_size: int | None = None
-    """Images per checkpointed UNet call in grad steps (``None``: the whole batch in one call)."""
+    """Images per checkpointed denoiser call in grad steps (``None``: the whole batch in one call)."""
     prefix_unet: Callable[..., Any] | None = None
-    """The UNet the no-grad steps call, e.g. ``torch.compile(unet)``; ``None`` uses ``unet``."""
+    """The denoiser the no-grad steps call, e.g. ``torch.compile(denoiser)``; ``None`` uses the family's."""
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     """Records the time of the no-grad and grad sampling phases when enabled (see ``finetune.timing``)."""
+    offload_text_encoders: bool = False
+    """Keep the text encoders on the CPU between encodings: each :meth:`encode` moves them to the denoiser's
+    device and back (GPU memory for SD3's and FLUX's T5-XXL, 9.5 GB in bf16, is then free during sampling)."""
 
     def __post_init__(self) -> None:
-        self.scheduler.set_timesteps(self.num_inference_steps)
+        self.solver = self.family.solver(self.num_inference_steps, self.resolution, self.eta)
 
     @property
     def timesteps(self) -> torch.Tensor:
-        return self.scheduler.timesteps
+        return self.solver.timesteps
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """Shape of one image's initial noise."""
+        return self.family.latent_shape(self.resolution)
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """Text conditioning of ``prompts`` (with the unconditional branch when the family guides in two passes)."""
+        if not self.offload_text_encoders:
+            return self.family.encode(prompts, self.guidance_scale, self.resolution)
+        encoders = self.family.text_encoders()
+        for encoder in encoders:
+            encoder.to(self.family.device)
+        try:
+            return self.family.encode(prompts, self.guidance_scale, self.resolution)
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
+
+    def initial_latents(self, noise: torch.Tensor) -> torch.Tensor:
+        """The state at schedule position 0 from standard normal noise of :attr:`latent_shape`."""
+        return self.family.initial_latents(noise, self.solver)
+
+    def renoise(self, x0: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+        """Clean latents noised to schedule position ``index``'s level."""
+        return self.solver.renoise(x0, noise, index)
 
     def guided_noise(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        """The UNet's guided prediction (noise, or v for v-prediction models) at timestep ``t``."""
-        unet = self.unet if torch.is_grad_enabled() or self.prefix_unet is None else self.prefix_unet
-        if conditioning.uncond is None:
-            return unet(latents, t, encoder_hidden_states=conditioning.cond).sample
-        both = unet(
-            torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([conditioning.uncond, conditioning.cond])
-        ).sample
-        uncond, cond = both.chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
+        """The denoiser's guided prediction (noise, v or flow velocity) at timestep ``t``."""
+        grad = torch.is_grad_enabled()
+        denoiser = self.family.denoiser if grad or self.prefix_unet is None else self.prefix_unet
+        return self.family.guided(denoiser, latents, t, conditioning, self.guidance_scale)
 
     def _model_output(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         if not (self.checkpoint_unet and torch.is_grad_enabled()):
@@ -112,11 +101,9 @@ class Sampler:
     def step(
         self, latents: torch.Tensor, index: int, conditioning: Conditioning, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DDIM step from schedule position ``index``; returns ``(previous sample, predicted x0)``."""
-        t = self.timesteps[index]
-        output = self._model_output(latents, t, conditioning)
-        result = self.scheduler.step(output, t, latents, eta=self.eta, generator=generator)
-        return result.prev_sample, result.pred_original_sample
+        """One solver step from schedule position ``index``; returns ``(next sample, predicted x0)``."""
+        output = self._model_output(latents, self.timesteps[index], conditioning)
+        return self.solver.step(output, index, latents, generator)
 
     def denoise(
         self,
@@ -145,7 +132,7 @@ class Sampler:
         """VAE-decode latents to images in [0, 1] (the reward's input range), checkpointed if configured."""
 
         def run(z: torch.Tensor) -> torch.Tensor:
-            return self.vae.decode(z / self.vae.config.scaling_factor).sample
+            return self.family.decode(z, self.resolution)
 
         decoded = checkpoint(run, latents, use_reentrant=False) if self.checkpoint_decode else run(latents)
         return (decoded.float() / 2 + 0.5).clamp(0, 1)
@@ -153,11 +140,9 @@ class Sampler:
 
 @torch.no_grad()
 def generate(
-    pipeline: StableDiffusionPipeline,
     sampler: Sampler,
     prompts: Sequence[str],
     seeds: Sequence[int],
-    latent_shape: tuple[int, int, int],
     batch_size: int,
     device: torch.device | str = "cpu",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
@@ -165,14 +150,16 @@ def generate(
     """Images [len(prompts) * len(seeds), 3, H, W] in [0, 1]: full no-grad sampling, each seed's noise drawn
     from its own generator so an image does not depend on the batching (row-major: every seed of the first
     prompt, then the next prompt)."""
-    noises = torch.cat([torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    shape = sampler.latent_shape
+    noises = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
     pairs = [(p, noise) for p in prompts for noise in noises]
     images = []
     for rows in batch_slices(len(pairs), batch_size):
         chunk = pairs[rows]
         noise = torch.stack([n for _, n in chunk]).to(device)
         with autocast():
-            conditioning = encode_prompts(pipeline, [p for p, _ in chunk], sampler.guidance_scale)
-            latents = sampler.denoise(noise, conditioning, 0, len(sampler.timesteps), grad=False)
+            conditioning = sampler.encode([p for p, _ in chunk])
+            latents = sampler.initial_latents(noise)
+            latents = sampler.denoise(latents, conditioning, 0, len(sampler.timesteps), grad=False)
             images.append(sampler.decode(latents).cpu())
     return torch.cat(images)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
@@ -26,8 +26,8 @@ from finetune.lora import LORA_WEIGHTS_NAME, save_lora_weights
 from finetune.methods import METHODS, BatchRandom, MethodSettings
 from finetune.pipelines import check_pipeline
 from finetune.prompts import load_prompts
-from finetune.sampling import Conditioning, Sampler, batch_slices, encode_prompts, generate
-from finetune.speed import compile_prefix_unet, set_attention, set_channels_last, set_tf32
+from finetune.sampling import Conditioning, Sampler, batch_slices, generate
+from finetune.speed import compile_prefix, set_attention, set_channels_last, set_tf32
 from finetune.timing import PhaseTimer
 from finetune.tracking import MetricsLog, claim_output_dir, save_grid
 
@@ -42,7 +42,8 @@ class TrainingDivergedError(RuntimeError):
 
 
 class Trainer:
-    """Fine-tunes LoRA adapters of a Stable Diffusion pipeline's UNet (and optionally text encoder) on a reward.
+    """Fine-tunes LoRA adapters of a pipeline's denoiser (UNet or transformer; optionally also its first text
+    encoder) on a reward, for every supported model family (:mod:`finetune.families`).
 
     ``Trainer(pipeline, reward, config).train()``. The pipeline is modified in place (LoRA adapters are added), so
     after training ``pipeline(prompt)`` samples from the fine-tuned model. ``callbacks`` are called after every
@@ -51,14 +52,15 @@ class Trainer:
 
     def __init__(
         self,
-        pipeline: StableDiffusionPipeline,
+        pipeline: DiffusionPipeline,
         reward: Callable[[torch.Tensor, list[str]], torch.Tensor],
         config: TrainConfig,
         prompts: Sequence[str] | None = None,
         eval_prompts: Sequence[str] | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        check_pipeline(pipeline)
+        self.family = check_pipeline(pipeline)
+        config = config.with_defaults(self.family.defaults)
         config.validate()
         self.config = config
         self.pipeline = pipeline
@@ -77,27 +79,33 @@ class Trainer:
             set_tf32(config.allow_tf32)
         precision = config.mixed_precision or ("bf16" if self.device.type == "cuda" else "no")
         self.autocast_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        self.vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-        if config.resolution % self.vae_scale:
-            raise ValueError(f"resolution {config.resolution} is not divisible by the VAE's factor {self.vae_scale}")
+        multiple = self.family.resolution_multiple
+        if config.resolution % multiple:
+            raise ValueError(
+                f"resolution {config.resolution} is not divisible by {multiple} (the {self.family.title} latent "
+                f"factor); choose a multiple of {multiple}"
+            )
 
         self._add_lora()
         # Frozen weights in the compute precision on GPU (memory); trainable LoRA weights always in fp32.
         weight_dtype = self.autocast_dtype if self.device.type == "cuda" and self.autocast_dtype else torch.float32
-        pipeline.to(self.device)
+        offloaded = self.family.text_encoders() if config.offload_text_encoders else []
+        for module in self.family.components():  # offloaded text encoders stay on the CPU between encodings
+            module.to("cpu" if any(module is encoder for encoder in offloaded) else self.device)
         if weight_dtype != torch.float32:
             pipeline.to(dtype=weight_dtype)
+        trained = ((self.family.denoiser_name, self.family.denoiser), ("text_encoder", pipeline.text_encoder))
         self.named_params = {
             f"{prefix}.{name}": p
-            for prefix, module in (("unet", pipeline.unet), ("text_encoder", pipeline.text_encoder))
+            for prefix, module in trained
             for name, p in module.named_parameters()
             if p.requires_grad
         }
         for p in self.named_params.values():
             p.data = p.data.float()
-        set_attention(pipeline, config.attention)
+        set_attention(self.family, config.attention)
         if config.channels_last:
-            set_channels_last(pipeline)
+            set_channels_last(self.family)
         if isinstance(reward, torch.nn.Module):
             reward.to(self.device)
 
@@ -108,17 +116,17 @@ class Trainer:
         self.timer = PhaseTimer(self.device)
         """Per-phase timing of the training step, off unless enabled (``benchmarks/step_breakdown.py``)."""
         self.sampler = Sampler(
-            unet=pipeline.unet,
-            vae=pipeline.vae,
-            scheduler=DDIMScheduler.from_config(pipeline.scheduler.config),
+            family=self.family,
+            resolution=config.resolution,
             num_inference_steps=config.num_inference_steps,
             guidance_scale=config.guidance_scale,
             eta=config.eta,
             checkpoint_unet=config.gradient_checkpointing,
             checkpoint_decode=config.checkpoint_decode,
             chunk_size=config.grad_chunk_size,
-            prefix_unet=compile_prefix_unet(pipeline.unet, config.compile_mode) if config.compile_prefix else None,
+            prefix_unet=compile_prefix(self.family.denoiser, config.compile_mode) if config.compile_prefix else None,
             timer=self.timer,
+            offload_text_encoders=config.offload_text_encoders,
         )
         self.method = METHODS[config.method]
         self.settings = MethodSettings(config.k, config.lv_n, tuple(config.refl_range))
@@ -133,20 +141,20 @@ class Trainer:
     def _add_lora(self) -> None:
         config = self.config
         alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
-        for module in (self.pipeline.unet, self.pipeline.vae, self.pipeline.text_encoder):
-            module.requires_grad_(False)
+        for module in self.family.components():
+            module.requires_grad_(False).eval()
         with torch.random.fork_rng(devices=[]):  # the LoRA initialisation depends on the seed only
             torch.manual_seed(config.seed)
             self._add_adapters(alpha)
 
     def _add_adapters(self, alpha: float) -> None:
         config = self.config
-        self.pipeline.unet.add_adapter(
+        self.family.denoiser.add_adapter(
             LoraConfig(
                 r=config.lora_rank,
                 lora_alpha=alpha,
                 init_lora_weights="gaussian",
-                target_modules=list(config.lora_targets),
+                target_modules=list(config.lora_targets or self.family.lora_targets),
             )
         )
         if config.train_text_encoder:
@@ -166,12 +174,12 @@ class Trainer:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        side = self.config.resolution // self.vae_scale
-        return (self.pipeline.unet.config.in_channels, side, side)
+        """Shape of one image's initial noise (the family's latent shape at the configured resolution)."""
+        return self.sampler.latent_shape
 
     def _conditioning(self, prompts: Sequence[str]) -> Conditioning:
         with torch.set_grad_enabled(self.config.train_text_encoder and torch.is_grad_enabled()):
-            return encode_prompts(self.pipeline, prompts, self.config.guidance_scale)
+            return self.sampler.encode(prompts)
 
     # ------------------------------------------------------------------------------------------------- step
     def train_step(self) -> dict[str, Any]:
@@ -305,16 +313,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- evaluation
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
         """Images [len(prompts) * len(seeds), 3, H, W] in [0, 1] from the current model with fixed seeds."""
-        return generate(
-            self.pipeline,
-            self.sampler,
-            prompts,
-            seeds,
-            self.latent_shape,
-            self.config.batch_size,
-            self.device,
-            self.autocast,
-        )
+        return generate(self.sampler, prompts, seeds, self.config.batch_size, self.device, self.autocast)
 
     @torch.no_grad()
     def evaluate(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> dict[str, Any]:
@@ -376,7 +375,7 @@ class Trainer:
 
     def save_lora(self, directory: str | Path | None = None) -> Path:
         """Write the LoRA so that ``pipeline.load_lora_weights(directory)`` loads it."""
-        return save_lora_weights(self.pipeline, Path(directory or self.output_dir), self.config.train_text_encoder)
+        return save_lora_weights(self.family, Path(directory or self.output_dir), self.config.train_text_encoder)
 
     # --------------------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict[str, Any]]:

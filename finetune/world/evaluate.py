@@ -12,8 +12,9 @@ import json
 from collections.abc import Sequence
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 
+from finetune.pipelines import check_pipeline
 from finetune.sampling import Sampler, generate
 from rewards.shapes import ShapesClassifier, all_captions, prompt_agreement
 from rewards.shapes.classifier import caption_targets
@@ -27,21 +28,15 @@ GUIDANCE_SCALE = 3.0
 def world_sampler(
     pipeline: StableDiffusionPipeline, num_inference_steps: int = NUM_INFERENCE_STEPS, guidance: float = GUIDANCE_SCALE
 ) -> Sampler:
-    """A no-checkpointing DDIM sampler over ``pipeline``'s own UNet and VAE."""
+    """A no-checkpointing DDIM sampler over ``pipeline``'s own UNet and VAE at its native resolution."""
+    family = check_pipeline(pipeline)
     return Sampler(
-        unet=pipeline.unet,
-        vae=pipeline.vae,
-        scheduler=DDIMScheduler.from_config(pipeline.scheduler.config),
+        family=family,
+        resolution=pipeline.unet.config.sample_size * family.vae_scale_factor,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance,
         checkpoint_unet=False,
     )
-
-
-def latent_shape(pipeline: StableDiffusionPipeline) -> tuple[int, int, int]:
-    """Latent (channels, height, width) of the pipeline's native resolution."""
-    side = pipeline.unet.config.sample_size
-    return (pipeline.unet.config.in_channels, side, side)
 
 
 @torch.no_grad()
@@ -65,7 +60,7 @@ def evaluate_pipeline(
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Sample every prompt at every seed; return the prompt-following figures and the images (prompt-major)."""
     sampler = world_sampler(pipeline, num_inference_steps, guidance_scale)
-    images = generate(pipeline, sampler, prompts, seeds, latent_shape(pipeline), batch_size=64)
+    images = generate(sampler, prompts, seeds, batch_size=64)
     return prompt_following(images, [p for p in prompts for _ in seeds], classifier), images
 
 

@@ -1,4 +1,4 @@
-"""Random test pipelines, loading, compatibility checks, and the offline CLIP tokenizer."""
+"""Random test pipelines, loading, compatibility checks, and the offline CLIP and T5 tokenizers."""
 
 import pytest
 import torch
@@ -59,5 +59,27 @@ def test_inpainting_unet_is_refused():
 
 
 def test_missing_model_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"cannot load a Stable Diffusion pipeline from .*hf download"):
+    with pytest.raises(FileNotFoundError, match=r"cannot load a diffusers pipeline from .*hf download"):
         load_pipeline(tmp_path / "nope")
+
+
+def test_t5_tokenizer_is_built_offline_and_round_trips(tmp_path):
+    from transformers import T5TokenizerFast
+
+    from finetune.pipelines import build_t5_tokenizer
+
+    tokenizer = build_t5_tokenizer()
+    encoded = tokenizer("a photo of a zebra", padding="max_length", max_length=12).input_ids
+    pieces = tokenizer.convert_ids_to_tokens(encoded)
+    assert pieces[:3] == ["\u2581a", "\u2581photo", "\u2581of"] and "\u2581z" in pieces  # unknown words split
+    assert pieces[pieces.index("</s>") + 1 :] == ["<pad>"] * (12 - pieces.index("</s>") - 1)
+    tokenizer.save_pretrained(tmp_path)
+    assert (
+        T5TokenizerFast.from_pretrained(tmp_path)("a photo of a zebra").input_ids
+        == tokenizer("a photo of a zebra").input_ids
+    )
+
+
+def test_unknown_family():
+    with pytest.raises(ValueError, match="unknown family 'pixart'; choose from sd, sdxl, sd3, flux"):
+        build_random_pipeline("tiny", family="pixart")

@@ -25,7 +25,7 @@ def test_component_flops_of_sd15_match_the_reference():
         pipeline = build_random_pipeline("sd15")
         reward = get_reward("aesthetic", pretrained=False)
         gmacs = {name: flops / 2e9 for name, flops in component_flops(pipeline, reward, 512).items()}
-    assert gmacs["unet"] == pytest.approx(402, rel=0.01)
+    assert gmacs["denoiser"] == pytest.approx(402, rel=0.01)
     assert gmacs["decode"] == pytest.approx(1257, rel=0.01)
     assert gmacs["reward"] == pytest.approx(81, rel=0.01)
     assert gmacs["text encoder"] == pytest.approx(6.8, rel=0.05)
@@ -39,8 +39,8 @@ def test_cost_model_matches_the_flops_counted_in_a_step(tiny_model_dir, tiny_con
     components = component_flops(trainer.pipeline, trainer.reward, config.resolution)
     work = step_work(config)
     counted = profile.flops
-    assert counted.get("no-grad sampling", 0) == pytest.approx(work.unet_no_grad * components["unet"], rel=1e-3)
-    assert counted["grad steps forward"] == pytest.approx(work.unet_grad * components["unet"], rel=1e-3)
+    assert counted.get("no-grad sampling", 0) == pytest.approx(work.denoiser_no_grad * components["denoiser"], rel=1e-3)
+    assert counted["grad steps forward"] == pytest.approx(work.denoiser_grad * components["denoiser"], rel=1e-3)
     assert counted["decode"] == pytest.approx(work.decodes * components["decode"], rel=1e-3)
     assert counted["reward"] == pytest.approx(work.rewards * components["reward"], rel=1e-3)
     # The real step does at least the floor's work (checkpointing recomputes, LoRA weights get gradients).
@@ -65,14 +65,16 @@ def test_step_work_counts():
     from finetune.config import TrainConfig
 
     base = dict(num_inference_steps=10, batch_size=4, guidance_scale=7.5)
-    assert step_work(TrainConfig(method="draft-k", k=3, **base)).unet_no_grad == 7 * 4 * 2
-    assert step_work(TrainConfig(method="draft", **base)).unet_grad == 10 * 4 * 2
+    assert step_work(TrainConfig(method="draft-k", k=3, **base)).denoiser_no_grad == 7 * 4 * 2
+    assert step_work(TrainConfig(method="draft", **base)).denoiser_grad == 10 * 4 * 2
     lv = step_work(TrainConfig(method="draft-lv", lv_n=2, **base))
-    assert (lv.unet_no_grad, lv.unet_grad, lv.decodes) == (80, 16, 8)
+    assert (lv.denoiser_no_grad, lv.denoiser_grad, lv.decodes) == (80, 16, 8)
     refl = step_work(TrainConfig(method="refl", refl_range=(0.5, 0.5), **base))
-    assert refl.unet_no_grad == 5 * 4 * 2 and refl.decodes == 4
+    assert refl.denoiser_no_grad == 5 * 4 * 2 and refl.decodes == 4
     no_guidance = step_work(TrainConfig(method="draft-k", k=1, **{**base, "guidance_scale": 1.0}))
-    assert no_guidance.unet_no_grad == 9 * 4 and no_guidance.text_encodings == 4
+    assert no_guidance.denoiser_no_grad == 9 * 4 and no_guidance.text_encodings == 4
+    distilled = step_work(TrainConfig(method="draft-k", k=1, **base), passes=1)  # FLUX: guidance embedding
+    assert distilled.denoiser_no_grad == 9 * 4 and distilled.text_encodings == 4
 
 
 def test_timer_records_only_when_enabled():
