@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from compose.lora import TRAINED_ON
 from finetune.families import Family
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -37,6 +40,29 @@ def save_lora_weights(family: Family, directory: Path, text_encoder: bool = Fals
         metadata["text_encoder_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
     with tempfile.TemporaryDirectory(dir=directory, prefix=".lora-") as staging:
         family.pipeline_class.save_lora_weights(staging, **layers, **metadata, safe_serialization=True)
+        staged = Path(staging) / LORA_WEIGHTS_NAME
+        record_base_model(staged, family.pipeline)
         target = directory / LORA_WEIGHTS_NAME
-        os.replace(Path(staging) / LORA_WEIGHTS_NAME, target)
+        os.replace(staged, target)
     return target
+
+
+def base_model_name(pipeline: object) -> str | None:
+    """The model a pipeline was loaded from: its hub id, or a local directory's name (not the whole path, which
+    says nothing on another machine); ``None`` for a pipeline built in memory."""
+    source = getattr(pipeline, "name_or_path", None)
+    if not source:
+        return None
+    return Path(source).name if Path(source).is_dir() else str(source)
+
+
+def record_base_model(path: Path, pipeline: object) -> None:
+    """Add the base model's name to a LoRA file's header (kohya's ``ss_sd_model_name``, which ``compose`` carries
+    into its exports and UIs show), so the file says what it was trained on."""
+    name = base_model_name(pipeline)
+    if name is None:
+        return
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(path), metadata={**header, TRAINED_ON: name})

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from compose import load_lora
 from finetune.__main__ import build_parser
@@ -50,6 +51,11 @@ def test_loras_load_in_both_formats(demo):
         assert set(diffusers_lora.modules) == set(kohya_lora.modules)
         for name, module in diffusers_lora.modules.items():
             assert torch.allclose(module.delta(), kohya_lora.modules[name].delta(), atol=1e-6)
+        for path in (run / "pytorch_lora_weights.safetensors", run / f"{objective.name}_kohya.safetensors"):
+            with safe_open(str(path), "pt") as f:
+                header = f.metadata()
+            # Both files say what they were trained on, and neither claims a real base model's label.
+            assert header["ss_sd_model_name"] == "shapes-pipeline" and "ss_base_model_version" not in header
         pipeline = load_world_pipeline()
         pipeline.load_lora_weights(str(run))  # diffusers' own loader
         pipeline = load_world_pipeline()
