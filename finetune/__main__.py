@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def demo(args: argparse.Namespace) -> None:
-    from finetune.tracking import check_output_dir
+    from finetune.outputs import check_output_dir
 
     check_output_dir(Path(args.output_dir), resume=False, overwrite=args.overwrite, what="demo")
     from finetune.demo import DemoConfig, run_demo
@@ -154,8 +154,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.reward_random_weights:
         values["reward_random_weights"] = True
     if values.get("model") == WORLD_MODEL:
-        from finetune.world import WORLD_TRAINING
-        from finetune.world.pipeline import SHIPPED_PIPELINE
+        from finetune.world import SHIPPED_PIPELINE, WORLD_TRAINING
 
         values = {**WORLD_TRAINING, **values, "model": str(SHIPPED_PIPELINE)}
     values["extra"] = {**values.get("extra", {}), "command": " ".join(sys.argv)}
@@ -189,17 +188,28 @@ def not_differentiable_message(name: str) -> str:
 
 
 def check_arguments(config: TrainConfig) -> None:
-    """Everything that can be checked before a model is loaded: the model path, prompt sets, reward names, the
-    output directory (and, for --resume, its checkpoint)."""
-    from finetune.checkpoint import require_checkpoint
+    """Everything that can be checked before a model is loaded, cheapest first: the model path, prompt sets, the
+    output directory (and, for --resume, its checkpoint), then the reward (whose registry imports the zoo)."""
+    from finetune.outputs import check_output_dir
     from finetune.prompts import load_prompts
-    from finetune.tracking import check_output_dir
-    from rewards import parse_reward_spec
-    from rewards.registry import get_entry
 
     check_model_argument(config.model)
     for spec in (config.prompts, config.eval_prompts):
         load_prompts(spec)
+    output_dir = Path(config.output_dir)
+    check_output_dir(output_dir, config.resume, config.overwrite)
+    if config.resume:
+        from finetune.checkpoint import require_checkpoint
+
+        require_checkpoint(output_dir / "checkpoints")
+    check_reward_arguments(config)
+
+
+def check_reward_arguments(config: TrainConfig) -> None:
+    """Known, differentiable reward names; options only for a single reward, and only those its builder takes."""
+    from rewards.combine import parse_reward_spec
+    from rewards.registry import get_entry
+
     members = parse_reward_spec(config.reward)
     for name in members:
         if not get_entry(name).differentiable:
@@ -212,10 +222,6 @@ def check_arguments(config: TrainConfig) -> None:
         if unknown:
             takes = ", ".join(entry.options) or "none"
             raise ValueError(f"reward '{entry.name}' has no option {', '.join(unknown)} (its options: {takes})")
-    output_dir = Path(config.output_dir)
-    check_output_dir(output_dir, config.resume, config.overwrite)
-    if config.resume:
-        require_checkpoint(output_dir / "checkpoints")
 
 
 def train(config: TrainConfig) -> None:

@@ -27,11 +27,12 @@ from compose.files import atomic_write
 from compose.fuse import add_to_pipeline
 from finetune.checkpoint import atomic_write_text
 from finetune.config import TrainConfig
-from finetune.tracking import claim_output_dir, labelled_grid, save_grid
+from finetune.outputs import claim_output_dir
+from finetune.tracking import labelled_grid, save_grid
 from finetune.trainer import Trainer
-from finetune.world import WORLD_TRAINING, split_prompts
+from finetune.world import SHIPPED_PIPELINE, WORLD_TRAINING, split_prompts
 from finetune.world.evaluate import evaluate_pipeline
-from finetune.world.pipeline import SHIPPED_PIPELINE, load_world_pipeline
+from finetune.world.pipeline import load_world_pipeline
 from rewards import get_reward
 
 

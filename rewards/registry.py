@@ -55,7 +55,7 @@ BUILTIN_MEMBERS = (
     "owlvit",
     "pickscore",
     "resnet",
-    "shapes",
+    "shapes.classifier",
     "simple",
     "yolo",
 )

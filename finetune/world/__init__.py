@@ -6,7 +6,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rewards.shapes.world import COLORS, MAX_COUNT, RESOLUTION, SHAPES, caption
+
+SHIPPED_PIPELINE = Path(__file__).parent / "shapes-pipeline"
+"""The shipped diffusers directory (``python -m finetune.world.train pipeline`` rebuilds it)."""
 
 WORLD_TRAINING = dict(
     resolution=RESOLUTION,

@@ -65,7 +65,8 @@ def evaluate_pipeline(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finetune.world.pipeline import SHIPPED_PIPELINE, load_world_pipeline
+    from finetune.world import SHIPPED_PIPELINE
+    from finetune.world.pipeline import load_world_pipeline
     from rewards import get_reward
 
     parser = argparse.ArgumentParser(prog="python -m finetune.world.evaluate", description=__doc__.splitlines()[0])

@@ -21,11 +21,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from compose.files import atomic_write_directory
 from finetune.pipelines import SD15_SCHEDULER, check_pipeline
+from finetune.world import SHIPPED_PIPELINE
 from rewards.clip import build_clip_tokenizer
 from rewards.shapes.world import COLORS, COUNT_WORDS, RESOLUTION, SHAPES, sample_batch
 
-SHIPPED_PIPELINE = Path(__file__).parent / "shapes-pipeline"
-"""The shipped diffusers directory (``python -m finetune.world.train pipeline`` rebuilds it)."""
 MAX_TOKENS = 16
 CAPTION_DROPOUT = 0.1
 DECODER_SEED_OFFSET = 2

@@ -45,12 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         output = args.output or WEIGHTS_FILE
         metrics = train_classifier(output, **steps, seed=args.seed)
     elif args.part == "pipeline":
-        from finetune.world.pipeline import SHIPPED_PIPELINE, train_pipeline
+        from finetune.world import SHIPPED_PIPELINE
+        from finetune.world.pipeline import train_pipeline
 
         output = args.output or SHIPPED_PIPELINE
         metrics = train_pipeline(output, **steps, seed=args.seed)
     else:
-        from finetune.world.pipeline import SHIPPED_PIPELINE, refine_decoder_of
+        from finetune.world import SHIPPED_PIPELINE
+        from finetune.world.pipeline import refine_decoder_of
 
         output = args.output or SHIPPED_PIPELINE
         earlier = json.loads((output / "provenance.json").read_text())  # the save replaces the directory

@@ -1,8 +1,35 @@
-"""The embedded shapes world (procedural images and captions) and its classifier reward ``shapes``."""
+"""The embedded shapes world (procedural images and captions) and its classifier reward ``shapes``.
 
-from rewards.shapes.classifier import Prediction, ShapesClassifier, ShapesReward, prompt_agreement
-from rewards.shapes.world import COLORS, RESOLUTION, SHAPES, Scene, all_captions, parse_caption, render, sample_batch
+Names are imported on first use (PEP 562): the world's captions do not load the classifier's dependencies.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rewards.shapes.classifier import Prediction, ShapesClassifier, ShapesReward, prompt_agreement
+    from rewards.shapes.world import (
+        COLORS,
+        RESOLUTION,
+        SHAPES,
+        Scene,
+        all_captions,
+        parse_caption,
+        render,
+        sample_batch,
+    )
+
+_EXPORTS = {
+    **dict.fromkeys(
+        ("Prediction", "ShapesClassifier", "ShapesReward", "prompt_agreement"), "rewards.shapes.classifier"
+    ),
+    **dict.fromkeys(
+        ("COLORS", "RESOLUTION", "SHAPES", "Scene", "all_captions", "parse_caption", "render", "sample_batch"),
+        "rewards.shapes.world",
+    ),
+}
 __all__ = [
     "COLORS",
     "RESOLUTION",
@@ -17,3 +44,15 @@ __all__ = [
     "render",
     "sample_batch",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rewards.shapes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

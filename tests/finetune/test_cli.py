@@ -11,10 +11,9 @@ import yaml
 
 import finetune.pipelines
 from finetune.__main__ import build_parser, config_from_args, main, resume_command
-from finetune.tracking import claim_output_dir
+from finetune.outputs import claim_output_dir
 from finetune.trainer import RUN_ARTEFACTS, Trainer
-from finetune.world import WORLD_TRAINING
-from finetune.world.pipeline import SHIPPED_PIPELINE
+from finetune.world import SHIPPED_PIPELINE, WORLD_TRAINING
 from rewards import get_reward
 
 
