@@ -1,17 +1,32 @@
 """Data parallelism across processes launched by ``torchrun`` or ``accelerate launch`` (same CLI).
 
-Only the LoRA gradients are averaged across ranks (the frozen weights never need it). Every rank holds the same
-data generator, draws the global batch and keeps its own rows, so N processes with batch b make exactly the
-update of one process with batch N*b. Rank 0 writes every output.
+PyTorch's ``DistributedDataParallel`` averages the LoRA gradients (bucketed, each bucket's all-reduce overlapped
+with the rest of the backward pass; the frozen weights are left out of it). Every rank holds the same data
+generator, draws the step's global batch and keeps its own rows, so N processes with batch b make exactly the
+update of one process with batch N*b. Evaluation is sharded over the ranks; rank 0 writes every output.
+
+A rank that raises publishes its error in the process group's store; a watchdog thread on every rank polls it and
+ends its process with that message, so one rank's failure ends the run on every rank within about a second
+instead of leaving the others waiting in a collective until the process-group timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+ERROR_KEY = "finetune/error"
+POLL_SECONDS = 0.2
 
 
 def world_size() -> int:
@@ -19,7 +34,8 @@ def world_size() -> int:
 
 
 def setup(device: torch.device) -> tuple[int, int, torch.device]:
-    """Join the process group when launched with several processes; returns ``(rank, world size, device)``."""
+    """Join the process group when launched with several processes (gloo on CPU, NCCL on CUDA) and start the
+    failure watchdog; returns ``(rank, world size, device)``."""
     if world_size() == 1:
         return 0, 1, device
     if device.type == "cuda":
@@ -27,19 +43,28 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _Watchdog.start()
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
-    """Replace each gradient by its mean over ranks (a missing gradient counts as zero)."""
-    world = world_size()
-    if world == 1:
-        return
-    for p in parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad.div_(world)
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` wrapped in DDP over its trainable parameters (itself in a single process).
+
+    Frozen parameters and buffers are left out (no start-up broadcast of the base model, no buffer sync).
+    ``find_unused_parameters`` lets a configuration leave some adapter out of a step's graph.
+    """
+    if world_size() == 1:
+        return module
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        module, frozen + [name for name, _ in module.named_buffers()]
+    )
+    return DistributedDataParallel(module, device_ids=None, find_unused_parameters=True)
+
+
+def no_sync(module: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` when ``skip`` (a gradient-accumulation micro-batch before the last), else nothing."""
+    return module.no_sync() if skip and isinstance(module, DistributedDataParallel) else contextlib.nullcontext()
 
 
 def gather(values: torch.Tensor) -> torch.Tensor:
@@ -51,6 +76,15 @@ def gather(values: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable; lengths may differ), in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, value)
+    return parts
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (e.g. a stop signal seen by one process)."""
     if world_size() == 1:
@@ -58,3 +92,53 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+@contextlib.contextmanager
+def fail_together() -> Iterator[None]:
+    """Publish an exception raised inside (except a stop on a signal, which the ranks agree on) so that every
+    other rank's watchdog ends that rank with this rank's message; then re-raise it here."""
+    from finetune.interrupt import TrainingInterrupted
+
+    try:
+        yield
+    except TrainingInterrupted:
+        raise
+    except BaseException as err:
+        if dist.is_initialized() and _Watchdog.store is not None:
+            message = "".join(traceback.format_exception_only(err)).strip()
+            with contextlib.suppress(Exception):  # the first failure is the one reported
+                _Watchdog.store.compare_set(ERROR_KEY, "", f"{dist.get_rank()}\n{message}")
+        raise
+
+
+class _Watchdog:
+    """A daemon thread polling the store for another rank's published error; it prints it and exits."""
+
+    store: dist.Store | None = None
+    thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls) -> None:
+        if cls.thread is not None:
+            return
+        # The default group's store; a fresh key per torchrun restart (the agent's store outlives its workers).
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        cls.store = dist.PrefixStore(f"restart{restart}/", dist.distributed_c10d._get_default_store())
+        cls.thread = threading.Thread(target=cls._poll, args=(dist.get_rank(),), name="finetune-watchdog", daemon=True)
+        cls.thread.start()
+
+    @classmethod
+    def _poll(cls, rank: int) -> None:
+        while True:
+            time.sleep(POLL_SECONDS)
+            try:
+                if not cls.store.check([ERROR_KEY]):
+                    continue
+                source, _, message = cls.store.get(ERROR_KEY).decode().partition("\n")
+            except Exception:  # the store is gone (its host ended): the collectives will fail on their own
+                return
+            if int(source) == rank:
+                return  # this rank's own error: it is being raised in the main thread
+            print(f"error: rank {source} failed: {message} (ending rank {rank})", file=sys.stderr, flush=True)
+            os._exit(1)

@@ -33,21 +33,48 @@ class MethodSettings:
 
 @dataclass
 class BatchRandom:
-    """Random draws for one batch that do not depend on how the global batch is split across processes.
+    """Random draws for one optimizer step that do not depend on how its batch is split into micro-batches and
+    processes.
 
-    Every process holds the same generator state. Per-sample noise is drawn for the whole global batch and each
-    process keeps its own rows, so N processes with batch b draw exactly what one process with batch N*b draws,
-    and scalar draws (ReFL's stopping step) agree on every rank. (DDIM noise for ``eta > 0`` is drawn per process.)
+    Every process holds the same generator state. Each draw is made once, for the step's whole global batch, and
+    each micro-batch on each process keeps its own ``rows``: the views made by :meth:`view` share the draws, the
+    n-th draw of a view being the step's n-th draw. So gradient accumulation over m micro-batches on N processes
+    with batch b draws exactly what one process with batch m*N*b draws, and scalar draws (ReFL's stopping step)
+    are shared by every micro-batch and rank. (DDIM noise for ``eta > 0`` is drawn per micro-batch and process.)
     """
 
     generator: torch.Generator
     global_batch: int
     rows: slice = field(default_factory=lambda: slice(None))
+    draws: list[torch.Tensor] = field(default_factory=list)
+    """The step's draws so far, shared by its views."""
+    used: int = 0
+    """How many of ``draws`` this view has taken."""
+
+    def view(self, rows: slice) -> BatchRandom:
+        """The draws of the global-batch rows ``rows`` (one micro-batch on one process)."""
+        return BatchRandom(self.generator, self.global_batch, rows, self.draws)
 
     def normal(self, shape: tuple[int, ...], copies: int = 1) -> torch.Tensor:
         """Standard normal noise [local batch * copies, *shape] (the copies of one sample are consecutive)."""
-        draw = torch.randn((self.global_batch, copies, *shape), generator=self.generator)
+        draw = self._draw((self.global_batch, copies, *shape), torch.randn)
         return draw[self.rows].flatten(0, 1)
+
+    def randint(self, low: int, high: int) -> int:
+        """One integer drawn uniformly from ``[low, high)``, the same for every row of the step."""
+        return int(self._draw((1,), lambda size, generator: torch.randint(low, high, size, generator=generator)))
+
+    def _draw(self, size: tuple[int, ...], sample: Callable[..., torch.Tensor]) -> torch.Tensor:
+        if self.used == len(self.draws):
+            self.draws.append(sample(size, generator=self.generator))
+        draw = self.draws[self.used]
+        if draw.shape != size:
+            raise RuntimeError(
+                f"draw {self.used} of this step has shape {tuple(draw.shape)} in an earlier micro-batch and "
+                f"{size} in this one: a method must make the same draws in every micro-batch of a step"
+            )
+        self.used += 1
+        return draw
 
 
 @dataclass
@@ -101,7 +128,7 @@ def refl(
     """ReFL: no-grad sampling to a random schedule position in ``refl_range`` (fractions of T), then one grad step
     whose predicted x0 is decoded and rewarded."""
     low, high = refl_stop_range(len(sampler.timesteps), settings.refl_range)
-    stop = int(torch.randint(low, high + 1, (1,), generator=rng.generator))
+    stop = rng.randint(low, high + 1)
     latents = sampler.denoise(
         sampler.initial_latents(noise), conditioning, 0, stop, grad=False, generator=rng.generator
     )

@@ -146,13 +146,16 @@ def generate(
     batch_size: int,
     device: torch.device | str = "cpu",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Images [len(prompts) * len(seeds), 3, H, W] in [0, 1]: full no-grad sampling, each seed's noise drawn
     from its own generator so an image does not depend on the batching (row-major: every seed of the first
-    prompt, then the next prompt)."""
+    prompt, then the next prompt). ``shard=(i, n)`` renders only every n-th image from the i-th (one process's
+    share of an evaluation)."""
     shape = sampler.latent_shape
     noises = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
-    pairs = [(p, noise) for p in prompts for noise in noises]
+    index, count = shard
+    pairs = [(p, noise) for p in prompts for noise in noises][index::count]
     images = []
     for rows in batch_slices(len(pairs), batch_size):
         chunk = pairs[rows]

@@ -23,7 +23,7 @@ from finetune.checkpoint import latest_checkpoint, load_checkpoint, require_chec
 from finetune.config import TrainConfig
 from finetune.interrupt import StopOnSignal, TrainingInterrupted
 from finetune.lora import LORA_WEIGHTS_NAME, save_lora_weights
-from finetune.methods import METHODS, BatchRandom, MethodSettings
+from finetune.methods import METHODS, BatchRandom, Generated, MethodSettings
 from finetune.pipelines import check_pipeline
 from finetune.prompts import load_prompts
 from finetune.sampling import Conditioning, Sampler, batch_slices, generate
@@ -75,6 +75,11 @@ class Trainer:
 
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rank, self.world, self.device = distributed.setup(device)
+        with distributed.fail_together():  # a rank that fails to set up ends the others (no hang in DDP's set-up)
+            self._set_up()
+
+    def _set_up(self) -> None:
+        config, pipeline = self.config, self.pipeline
         if self.device.type == "cuda":
             set_tf32(config.allow_tf32)
         precision = config.mixed_precision or ("bf16" if self.device.type == "cuda" else "no")
@@ -106,8 +111,14 @@ class Trainer:
         set_attention(self.family, config.attention)
         if config.channels_last:
             set_channels_last(self.family)
-        if isinstance(reward, torch.nn.Module):
-            reward.to(self.device)
+        if isinstance(self.reward, torch.nn.Module):
+            self.reward.to(self.device)
+        modules = {self.family.denoiser_name: self.family.denoiser}
+        if config.train_text_encoder:
+            modules["text_encoder"] = pipeline.text_encoder
+        self.model = distributed.data_parallel(SamplingModel(modules, self._sample))
+        """What one micro-batch's forward runs (text encoding and the method's sampling), DDP-wrapped when data
+        parallel: one forward and one backward per micro-batch, whatever the method's number of denoiser calls."""
 
         self.optimizer = torch.optim.AdamW(
             list(self.named_params.values()), lr=config.lr, weight_decay=config.weight_decay
@@ -191,13 +202,18 @@ class Trainer:
         members: dict[str, list[torch.Tensor]] = {}
         loss_value = 0.0
         batch = config.batch_size
-        for _ in range(config.grad_accum):
-            rng = BatchRandom(self.generator, batch * self.world, slice(self.rank * batch, (self.rank + 1) * batch))
-            indices = torch.randint(len(self.prompts), (rng.global_batch,), generator=self.generator)[rng.rows]
-            prompts = [self.prompts[i] for i in indices]
+        # The step's random draws are made once for its global batch (micro-batch-major, then rank) and sliced, so
+        # they do not depend on how the step is split into micro-batches and processes.
+        step_rng = BatchRandom(self.generator, batch * self.world * config.grad_accum)
+        indices = torch.randint(len(self.prompts), (step_rng.global_batch,), generator=self.generator)
+        for micro in range(config.grad_accum):
+            first = (micro * self.world + self.rank) * batch
+            rng = step_rng.view(slice(first, first + batch))
+            prompts = [self.prompts[i] for i in indices[rng.rows]]
             noise = rng.normal(self.latent_shape).to(self.device)
             try:
-                scores, member_scores = self.backward(prompts, noise, rng, 1.0 / config.grad_accum)
+                with distributed.no_sync(self.model, skip=micro < config.grad_accum - 1):
+                    scores, member_scores = self.backward(prompts, noise, rng, 1.0 / config.grad_accum)
             except torch.OutOfMemoryError as err:
                 raise torch.OutOfMemoryError(
                     f"out of memory in a {config.method} step (batch {config.batch_size}, K {config.effective_k}, "
@@ -212,7 +228,6 @@ class Trainer:
             self.reward_queries += len(scores) * self.world
         self.images_seen += batch * self.world * config.grad_accum
         loss_value = distributed.gather(torch.tensor([loss_value], device=self.device)).mean().item()
-        distributed.average_gradients(self.named_params.values())
 
         with self.timer.phase("optimizer"):
             self.scaler.unscale_(self.optimizer)
@@ -267,9 +282,7 @@ class Trainer:
         gathered gradients through the grad steps (whose checkpointed UNet calls recompute a chunk at a time).
         """
         with self.autocast():
-            with self.timer.phase("text encoder"):
-                conditioning = self._conditioning(prompts)
-            generated = self.method(self.sampler, conditioning, noise, self.settings, rng)
+            generated = self.model(prompts, noise, rng)
         latents = generated.latents
         if not latents.requires_grad:
             raise RuntimeError(f"the {self.config.method} sampling graph reaches no trainable parameter")
@@ -294,6 +307,11 @@ class Trainer:
             latents.backward(torch.cat(gradients))
         return torch.cat(scores), {key: torch.cat(values) for key, values in members.items()}
 
+    def _sample(self, prompts: list[str], noise: torch.Tensor, rng: BatchRandom) -> Generated:
+        with self.timer.phase("text encoder"):
+            conditioning = self._conditioning(prompts)
+        return self.method(self.sampler, conditioning, noise, self.settings, rng)
+
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if self.config.checkpoint_reward:
             return checkpoint(self.reward, images, prompts, use_reentrant=False)
@@ -312,27 +330,54 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- evaluation
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        """Images [len(prompts) * len(seeds), 3, H, W] in [0, 1] from the current model with fixed seeds."""
-        return generate(self.sampler, prompts, seeds, self.config.batch_size, self.device, self.autocast)
+        """Images [len(prompts) * len(seeds), 3, H, W] in [0, 1] from the current model with fixed seeds (each
+        rank renders its share; every rank returns them all)."""
+        return self._sharded(prompts, seeds)[0]
 
     @torch.no_grad()
     def evaluate(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> dict[str, Any]:
-        """Mean reward on held-out prompts and fixed seeds; returns ``{"eval_reward": ..., "images": ...}``."""
+        """Mean reward on held-out prompts and fixed seeds; returns ``{"eval_reward": ..., "images": ...}``.
+
+        With several processes each renders and scores every ``world``-th image; the results are gathered (on
+        every rank), so the metrics and images are one process's."""
         prompts = list(prompts if prompts is not None else self.eval_prompts)
         seeds = list(seeds if seeds is not None else self.config.eval_seeds)
-        images = self.generate(prompts, seeds)
-        image_prompts = [p for p in prompts for _ in seeds]
-        scores = []
-        for rows in batch_slices(len(images), self.config.batch_size):
-            with self.autocast():
-                scores.append(self.reward(images[rows].to(self.device), image_prompts[rows]).float().cpu())
-        scores = torch.cat(scores)
+        images, scores = self._sharded(prompts, seeds, score=True)
         return {"eval_reward": scores.mean().item(), "eval_reward_std": scores.std().item(), "images": images}
 
+    @torch.no_grad()
+    def _sharded(
+        self, prompts: Sequence[str], seeds: Sequence[int], score: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the images (and their scores), gathered from every rank in one process's order."""
+        shard = (self.rank, self.world)
+        total = len(prompts) * len(seeds)
+        images, scores = None, None
+        if self.rank < total:
+            images = generate(self.sampler, prompts, seeds, self.config.batch_size, self.device, self.autocast, shard)
+        if images is not None and score:
+            image_prompts = [p for p in prompts for _ in seeds][self.rank :: self.world]
+            parts = []
+            for rows in batch_slices(len(images), self.config.batch_size):
+                with self.autocast():
+                    parts.append(self.reward(images[rows].to(self.device), image_prompts[rows]).float().cpu())
+            scores = torch.cat(parts)
+        shares = distributed.gather_objects((images, scores))
+        gathered_images = torch.empty((total, *shares[0][0].shape[1:]), dtype=shares[0][0].dtype)
+        gathered_scores = torch.empty(total)
+        for rank, (part_images, part_scores) in enumerate(shares):
+            if part_images is not None:
+                gathered_images[rank :: self.world] = part_images
+            if part_scores is not None:
+                gathered_scores[rank :: self.world] = part_scores
+        return gathered_images, gathered_scores
+
     def _evaluate_and_save(self) -> dict[str, Any]:
+        """Evaluate (every rank, sharded); rank 0 writes the grid."""
         result = self.evaluate()
-        path = self.output_dir / "samples" / f"step_{self.step:06d}.png"
-        save_grid(result["images"], path, len(self.config.eval_seeds), self.eval_prompts)
+        if self.rank == 0:
+            path = self.output_dir / "samples" / f"step_{self.step:06d}.png"
+            save_grid(result["images"], path, len(self.config.eval_seeds), self.eval_prompts)
         return {k: v for k, v in result.items() if k != "images"}
 
     # -------------------------------------------------------------------------------------- checkpointing
@@ -397,21 +442,23 @@ class Trainer:
         saved_step = self.step
         run_name = f"{self.output_dir.name} ({config.method})"
         bar = tqdm(total=config.steps, initial=self.step, desc=run_name, unit="step", disable=not main)
-        with StopOnSignal() as stop:
+        with StopOnSignal() as stop, distributed.fail_together():
             try:
                 if log is not None:
                     log.truncate(self.step)
-                    if self.step == 0:
-                        log.log({"step": 0, **self._evaluate_and_save()})
+                if self.step == 0:
+                    evaluation = {"step": 0, **self._evaluate_and_save()}
+                    if log is not None:
+                        log.log(evaluation)
                 interrupted = False
                 while self.step < config.steps and not self.should_stop:
                     interrupted = distributed.any_rank(stop.received is not None)  # every rank stops together
                     if interrupted:
                         break
                     metrics = self.train_step()
+                    if self.step % config.eval_every == 0 or self.step == config.steps:
+                        metrics.update(self._evaluate_and_save())
                     if log is not None:
-                        if self.step % config.eval_every == 0 or self.step == config.steps:
-                            metrics.update(self._evaluate_and_save())
                         log.log(metrics)
                     history.append(metrics)
                     bar.update(1)
@@ -438,3 +485,22 @@ class Trainer:
         if self.rank == 0 and self.step > saved_step and self.consecutive_nonfinite == 0:
             self.save_checkpoint()
         raise TrainingInterrupted(signum, self.step, latest_checkpoint(checkpoints))
+
+
+class SamplingModel(torch.nn.Module):
+    """The trained networks (the denoiser; the text encoder when it is trained) as one module whose forward is
+    ``sample(prompts, noise, rng)``: text encoding and a method's sampling up to the clean latents.
+
+    This is the unit DDP wraps. However many denoiser calls a method makes (no-grad prefix, checkpointed grad
+    steps recomputed in backward, DRaFT-LV copies), a micro-batch is one DDP forward, and the one
+    ``latents.backward`` of :meth:`Trainer.backward` is its backward, during which each parameter's gradient is
+    ready once and the buckets are all-reduced.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], sample: Callable[..., Generated]) -> None:
+        super().__init__()
+        self.trained = torch.nn.ModuleDict(modules)
+        self.sample = sample
+
+    def forward(self, prompts: list[str], noise: torch.Tensor, rng: BatchRandom) -> Generated:
+        return self.sample(prompts, noise, rng)

@@ -1,33 +1,107 @@
-"""Data parallel: two CPU processes (torchrun, gloo) make the same LoRA update as one with the same global batch."""
+"""Data parallel with two CPU processes (torchrun, gloo): DDP makes one process's update with the same global batch
+(also with gradient accumulation), sharded evaluation gives one process's metrics and grids, and a rank that
+raises ends every rank with its message."""
 
+import json
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+LAUNCHER = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=0.1"]
 
-def run_training(tiny_model_dir, output_dir, batch_size, processes):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
+
+def run_training(tiny_model_dir, output_dir, processes, batch_size, grad_accum=1):
+    eval_prompts = output_dir.parent / "eval.txt"  # 3 prompts x 2 seeds: 3 images per rank
+    eval_prompts.write_text("a cat\na red car\na bowl of fruit\n")
+    launcher = [*LAUNCHER, f"--nproc_per_node={processes}", "-m"] if processes > 1 else [sys.executable, "-m"]
     command = [
-        *(launcher if processes > 1 else [sys.executable, "-m"]),
+        *launcher,
         "finetune", "train", "--model", str(tiny_model_dir), "--reward", "contrast", "--method", "draft-lv",
-        "--steps", "2", "--batch-size", str(batch_size), "--resolution", "64", "--num-inference-steps", "3",
-        "--guidance-scale", "3", "--lr", "0.01", "--output-dir", str(output_dir), "--device", "cpu",
-        "--eval-every", "100",
+        "--steps", "2", "--batch-size", str(batch_size), "--grad-accum", str(grad_accum), "--resolution", "64",
+        "--num-inference-steps", "3", "--guidance-scale", "3", "--lr", "0.01", "--output-dir", str(output_dir),
+        "--device", "cpu", "--eval-every", "100", "--eval-prompts", str(eval_prompts),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return load_file(str(output_dir / "pytorch_lora_weights.safetensors"))
+    metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    grids = {}
+    for step in (0, 2):
+        with Image.open(output_dir / "samples" / f"step_{step:06d}.png") as grid:
+            grids[step] = np.asarray(grid.convert("RGB"), dtype=np.int16)
+    return load_file(str(output_dir / "pytorch_lora_weights.safetensors")), metrics, grids
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
-    single = run_training(tiny_model_dir, tmp_path / "one", batch_size=2, processes=1)
-    double = run_training(tiny_model_dir, tmp_path / "two", batch_size=1, processes=2)
-    assert single.keys() == double.keys() and single
-    for key in single:
-        torch.testing.assert_close(double[key], single[key], rtol=0, atol=1e-5)
+    single, single_metrics, single_grids = run_training(tiny_model_dir, tmp_path / "one", 1, batch_size=4)
+    runs = {
+        "DDP": run_training(tiny_model_dir, tmp_path / "two", 2, batch_size=2),
+        "DDP with gradient accumulation (no_sync)": run_training(tiny_model_dir, tmp_path / "acc", 2, 1, 2),
+    }
     # The LoRA up factors start at zero: a non-zero value shows the two steps really updated them.
     assert max(v.abs().max().item() for k, v in single.items() if "lora.up" in k) > 1e-3
+    for what, (lora, metrics, grids) in runs.items():
+        assert lora.keys() == single.keys() and single, what
+        for key in single:
+            torch.testing.assert_close(lora[key], single[key], rtol=0, atol=1e-5, msg=f"{what}: {key}")
+        for ours, theirs in zip(metrics, single_metrics, strict=True):
+            for key in ("reward", "loss", "eval_reward", "eval_reward_std", "images_seen"):
+                assert (key in ours) == (key in theirs), (what, key)
+                if key in ours:
+                    assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (what, key)
+        # Sharded evaluation over two ranks: one process's grids, to a level in 255.
+        for step, grid in grids.items():
+            assert grid.shape == single_grids[step].shape
+            assert np.abs(grid - single_grids[step]).max() <= 1, (what, step)
+
+
+FAILING = """
+import os, sys, time
+import torch
+from finetune.config import TrainConfig
+from finetune.pipelines import load_pipeline
+from finetune.trainer import Trainer
+
+
+class FailingOnRank1:
+    calls = 0
+
+    def __call__(self, images, prompts):
+        if images.requires_grad:
+            self.calls += 1
+            if os.environ["RANK"] == "1" and self.calls == 2:
+                with open(sys.argv[2] + ".failed_at", "w") as file:
+                    file.write(repr(time.time()))
+                raise RuntimeError("the reward exploded on rank 1 at step 2")
+        return images.mean(dim=(1, 2, 3))
+
+
+config = TrainConfig(
+    resolution=64, num_inference_steps=2, guidance_scale=3.0, batch_size=1, steps=4, eval_every=100,
+    eval_seeds=(0,), output_dir=sys.argv[2], device="cpu",
+)
+Trainer(load_pipeline(sys.argv[1]), FailingOnRank1(), config, eval_prompts=["a cat"]).train()
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_every_rank_with_its_message(tiny_model_dir, tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    out = tmp_path / "run"
+    command = [*LAUNCHER, "--nproc_per_node=2", str(script), str(tiny_model_dir), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    ended = time.time()
+    assert result.returncode != 0
+    failed_at = float((tmp_path / "run.failed_at").read_text())
+    assert ended - failed_at < 15, f"the run took {ended - failed_at:.1f} s to end after rank 1 raised"
+    output = result.stdout + result.stderr
+    assert "RuntimeError: the reward exploded on rank 1 at step 2" in output  # rank 1's own traceback
+    # Rank 0 (waiting for rank 1's gradients) ends with rank 1's message, from the watchdog.
+    assert "error: rank 1 failed: RuntimeError: the reward exploded on rank 1 at step 2 (ending rank 0)" in output

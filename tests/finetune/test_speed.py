@@ -35,6 +35,20 @@ def gradients(trainer, batch=3):
     return grads, scores, members
 
 
+def assert_close_to_fp32(model_dir, config, trainer, metrics):
+    """The first step of a mixed-precision ``trainer`` against the fp32 path on the same data: the batch's mean
+    reward within 0.2% (bf16 keeps 8 significant bits; measured at most 0.04% on the tiny pipeline), and the LoRA
+    gradient (before clipping) within 1% in direction (cosine >= 0.99; measured >= 0.9986) and 5% in norm
+    (measured 1.4%)."""
+    reference = trainer_for(model_dir, config, mixed_precision="no", max_grad_norm=1e6)
+    expected = reference.train_step()
+    assert metrics["reward"] == pytest.approx(expected["reward"], rel=2e-3)
+    grad = torch.cat([p.grad.flatten() for p in trainer.named_params.values()])
+    fp32 = torch.cat([p.grad.flatten() for p in reference.named_params.values()])
+    assert torch.nn.functional.cosine_similarity(grad, fp32, dim=0) >= 0.99
+    assert grad.norm() / fp32.norm() == pytest.approx(1.0, abs=0.05)
+
+
 def assert_same(a, b, rtol=1e-4, atol=1e-7):
     assert a.keys() == b.keys() and a
     for key in a:
@@ -130,9 +144,10 @@ def test_tf32_gives_the_same_gradients_on_cuda(tiny_model_dir, tiny_config):
 @pytest.mark.parametrize(("method", "chunk"), [("draft-k", None), ("draft-lv", 1), ("refl", 1)])
 def test_gpu_precision_layout_trains_on_the_cpu(tiny_model_dir, tiny_config, method, chunk):
     """What a CUDA trainer does (frozen weights in bf16, LoRA in fp32, bf16 autocast), emulated on the CPU: the
-    chunked backward and the profiler's floor hold up to the mixed dtypes."""
-    config = tiny_config.replace(method=method, k=2, mixed_precision="bf16", grad_chunk_size=chunk)
-    trainer = trainer_for(tiny_model_dir, config)
+    chunked backward and the profiler's floor hold up to the mixed dtypes, and the step is the fp32 step's within
+    bf16's precision."""
+    config = tiny_config.replace(method=method, k=2, grad_chunk_size=chunk)
+    trainer = trainer_for(tiny_model_dir, config, mixed_precision="bf16", max_grad_norm=1e6)
     for module in (trainer.pipeline.unet, trainer.pipeline.vae, trainer.pipeline.text_encoder):
         for p in module.parameters():
             if not p.requires_grad:
@@ -143,3 +158,4 @@ def test_gpu_precision_layout_trains_on_the_cpu(tiny_model_dir, tiny_config, met
     assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     assert any(not torch.equal(before[name], p) for name, p in trainer.named_params.items())
     assert step_floor_flops(trainer) > 0
+    assert_close_to_fp32(tiny_model_dir, config, trainer, metrics)
