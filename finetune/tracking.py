@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from compose.files import atomic_write
-from finetune.outputs import check_output_dir, claim_output_dir  # noqa: F401  (re-exported for the trainer)
 
 
 class MetricsLog:

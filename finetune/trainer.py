@@ -24,12 +24,13 @@ from finetune.config import TrainConfig
 from finetune.interrupt import StopOnSignal, TrainingInterrupted
 from finetune.lora import LORA_WEIGHTS_NAME, save_lora_weights
 from finetune.methods import METHODS, BatchRandom, Generated, MethodSettings
+from finetune.outputs import claim_output_dir
 from finetune.pipelines import check_pipeline
 from finetune.prompts import load_prompts
 from finetune.sampling import Conditioning, Sampler, batch_slices, generate
 from finetune.speed import compile_prefix, set_attention, set_channels_last, set_tf32
 from finetune.timing import PhaseTimer
-from finetune.tracking import MetricsLog, claim_output_dir, save_grid
+from finetune.tracking import MetricsLog, save_grid
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 RUN_ARTEFACTS = ("metrics.jsonl", "tensorboard", "samples", "checkpoints", "training_config.yaml", LORA_WEIGHTS_NAME)
