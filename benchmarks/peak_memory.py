@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--ks", default="1,10,50", help="comma-separated K values for the K sweep (at most T)")
     parser.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes for the batch sweep")
     parser.add_argument("--chunk", type=int, default=1, help="grad_chunk_size of the chunked rows")
+    parser.add_argument("--sweeps", default="k,batch", help="which sweeps to run: k, batch or both")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -229,13 +230,16 @@ def main() -> None:
         f"peak memory of one DRaFT-K training step: {args.family} pipeline '{args.size}', T = {args.steps}, reward "
         f"contrast, device {args.device} ({platform.processor() or platform.machine()}, torch {torch.__version__})"
     )
-    for checkpointing in (True, False):
+    sweeps = set(args.sweeps.split(","))
+    if not sweeps <= {"k", "batch"}:
+        parser.error(f"--sweeps {args.sweeps!r}: choose k, batch or k,batch")
+    for checkpointing in (True, False) if "k" in sweeps else ():
         rows = [
             (f"K={k} checkpointing {'on' if checkpointing else 'off'}", run_child(args, k, 1, checkpointing, None))
             for k in ks
         ]
         print_table(f"K sweep, batch 1, gradient checkpointing {'on' if checkpointing else 'off'}", rows)
-    for chunk in (args.chunk, None):
+    for chunk in (args.chunk, None) if "batch" in sweeps else ():
         rows = [(f"batch {b} chunk {chunk or 'whole batch'}", run_child(args, 1, b, True, chunk)) for b in batches]
         print_table(f"batch sweep, K = 1, checkpointing on, grad_chunk_size {chunk}", rows)
     print(provenance.footer())
