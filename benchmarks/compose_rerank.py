@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import re
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import provenance
 import torch
 
 from compose import LoRA, LoRAModule, save_lora
@@ -71,9 +70,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"commit {commit}, torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    print(f"load average at start: {os.getloadavg()[0]:.1f} (other processes on this machine)")
+    print(provenance.header())
+    print(f"{torch.get_num_threads()} torch threads")
     print(
         f"inputs: 2 random rank-{args.rank} LoRAs ({args.dtype}); re-rank to {args.target_rank}; best of {args.repeats}"
     )
@@ -102,7 +100,7 @@ def main() -> None:
                 f"{t_scale / t_mix:.2f} | {t_mix_rank:.2f} | {t_mix_rank / t_mix:.2f} |",
                 flush=True,
             )
-    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    print(provenance.footer())
 
 
 def count_modules(base: str) -> int:

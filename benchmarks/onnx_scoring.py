@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import provenance
 import torch
 
 
@@ -59,7 +60,7 @@ def main() -> int:
     from rewards import get_reward
     from rewards.onnx import OnnxReward, export_onnx
 
-    load_at_start = os.getloadavg()[0]
+    print(provenance.header())
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     reward = get_reward("aesthetic", pretrained=False, tiny=args.tiny)
@@ -103,7 +104,7 @@ def main() -> int:
         f"max |torch - onnxruntime| score: {difference:.2e} (tolerance {args.tolerance:g}); torch scores range "
         f"{scores['torch'].min().item():.4f} to {scores['torch'].max().item():.4f}"
     )
-    print(f"load average (1 min): {load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+    print(provenance.footer())
     if difference > args.tolerance:
         print(f"FAIL: the backends differ by more than {args.tolerance:g}", file=sys.stderr)
         return 1

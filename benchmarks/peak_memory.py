@@ -1,7 +1,8 @@
 """Peak memory of one DRaFT-K training step as K and the batch grow, with and without the memory techniques.
 
-Two sweeps on a random SD-architecture pipeline (``--size``, default ``small``), each configuration in its own
-process: K = 1, 10, 50 at batch 1 (per-step gradient checkpointing on and off), and batch 1, 4, 16 at K = 1
+Two sweeps on a random pipeline of a family (``--family sd|sdxl|sd3|flux``, ``--size``: default ``small`` for SD,
+``tiny`` for the others), each configuration in its own process: K = 1, 10, 50 at batch 1 (per-step gradient
+checkpointing on and off), and batch 1, 4, 16 at K = 1
 (chunked decode-and-reward backward with chunks of one image, and the whole batch at once).
 
 On CUDA the figure is ``torch.cuda.max_memory_allocated`` over the step, minus the memory before. On CPU two
@@ -13,6 +14,7 @@ graph's nodes (about 1 MiB per checkpointed UNet call of the small pipeline, hos
 fragmentation.
 
     python benchmarks/peak_memory.py                  # small pipeline, T = 50, on this machine's device
+    python benchmarks/peak_memory.py --family flux    # the tiny FLUX.1-dev-style pipeline (flow matching)
     python benchmarks/peak_memory.py --size sd15 --steps 50 --batches 1,4,16   # on a GPU
 """
 
@@ -29,7 +31,10 @@ import threading
 import time
 from collections.abc import Callable
 
+import provenance
 import torch
+
+from finetune.pipelines import BUILDERS, build_random_pipeline
 
 CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 """glibc serves allocations of 64 KiB and more with mmap, so freed tensors leave the resident set at once and the
@@ -112,12 +117,13 @@ class SavedTensors(torch.autograd.graph.saved_tensors_hooks):
         return tensor
 
 
-def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, chunk: int | None, device: str) -> dict:
+def measure(
+    family: str, size: str, steps: int, k: int, batch: int, checkpointing: bool, chunk: int | None, device: str
+) -> dict:
     """Peak extra memory (bytes) of the second training step of a fresh trainer (the first warms up)."""
     import tempfile
 
     from finetune.config import TrainConfig
-    from finetune.pipelines import PIPELINE_SIZES, build_random_pipeline
     from finetune.trainer import Trainer
     from rewards import get_reward
 
@@ -125,7 +131,7 @@ def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, chun
         method="draft-k",
         k=k,
         num_inference_steps=steps,
-        resolution=PIPELINE_SIZES[size]["resolution"],
+        resolution=BUILDERS[family][0][size]["resolution"],
         batch_size=batch,
         gradient_checkpointing=checkpointing,
         grad_chunk_size=chunk,
@@ -134,7 +140,9 @@ def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, chun
         device=device,
         mixed_precision="bf16" if device == "cuda" else "no",
     )
-    trainer = Trainer(build_random_pipeline(size), get_reward("contrast"), config, prompts=["a cat"], eval_prompts=[])
+    trainer = Trainer(
+        build_random_pipeline(size, family=family), get_reward("contrast"), config, prompts=["a cat"], eval_prompts=[]
+    )
     trainer.train_step()
     saved = SavedTensors()
     if device == "cuda":
@@ -162,7 +170,18 @@ def measure(size: str, steps: int, k: int, batch: int, checkpointing: bool, chun
 
 def run_child(args: argparse.Namespace, k: int, batch: int, checkpointing: bool, chunk: int | None) -> dict:
     spec = json.dumps({"k": k, "batch": batch, "checkpointing": checkpointing, "chunk": chunk})
-    child = [sys.executable, __file__, "--size", args.size, "--steps", str(args.steps), "--device", args.device]
+    child = [
+        sys.executable,
+        __file__,
+        "--family",
+        args.family,
+        "--size",
+        args.size,
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+    ]
     out = subprocess.run([*child, "--child", spec], capture_output=True, text=True, check=True, env=CHILD_ENV).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -184,35 +203,46 @@ def print_table(title: str, rows: list[tuple[str, dict]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="small", choices=["tiny", "small", "sd15"])
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps T")
+    parser.add_argument("--family", default="sd", choices=list(BUILDERS))
+    parser.add_argument("--size", default=None, help="default: SD small, else tiny")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps T")
     parser.add_argument("--ks", default="1,10,50", help="comma-separated K values for the K sweep (at most T)")
     parser.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes for the batch sweep")
     parser.add_argument("--chunk", type=int, default=1, help="grad_chunk_size of the chunked rows")
+    parser.add_argument("--sweeps", default="k,batch", help="which sweeps to run: k, batch or both")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sizes = BUILDERS[args.family][0]
+    args.size = args.size or ("small" if args.family == "sd" else "tiny")
+    if args.size not in sizes:
+        parser.error(f"no random {args.family} pipeline of size {args.size!r}; choose from {', '.join(sizes)}")
 
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(measure(args.size, args.steps, device=args.device, **spec)))
+        print(json.dumps(measure(args.family, args.size, args.steps, device=args.device, **spec)))
         return
 
     ks = [int(k) for k in args.ks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    print(provenance.header())
     print(
-        f"peak memory of one DRaFT-K training step: pipeline '{args.size}', T = {args.steps}, reward contrast, "
-        f"device {args.device} ({platform.processor() or platform.machine()}, torch {torch.__version__})"
+        f"peak memory of one DRaFT-K training step: {args.family} pipeline '{args.size}', T = {args.steps}, reward "
+        f"contrast, device {args.device} ({platform.processor() or platform.machine()}, torch {torch.__version__})"
     )
-    for checkpointing in (True, False):
+    sweeps = set(args.sweeps.split(","))
+    if not sweeps <= {"k", "batch"}:
+        parser.error(f"--sweeps {args.sweeps!r}: choose k, batch or k,batch")
+    for checkpointing in (True, False) if "k" in sweeps else ():
         rows = [
             (f"K={k} checkpointing {'on' if checkpointing else 'off'}", run_child(args, k, 1, checkpointing, None))
             for k in ks
         ]
         print_table(f"K sweep, batch 1, gradient checkpointing {'on' if checkpointing else 'off'}", rows)
-    for chunk in (args.chunk, None):
+    for chunk in (args.chunk, None) if "batch" in sweeps else ():
         rows = [(f"batch {b} chunk {chunk or 'whole batch'}", run_child(args, 1, b, True, chunk)) for b in batches]
         print_table(f"batch sweep, K = 1, checkpointing on, grad_chunk_size {chunk}", rows)
+    print(provenance.footer())
 
 
 if __name__ == "__main__":

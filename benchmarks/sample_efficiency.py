@@ -16,6 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import provenance
 import torch
 
 from finetune.demo import OBJECTIVES, DemoConfig
@@ -89,6 +90,8 @@ def summarise(results: dict[str, list[list[tuple[int, float]]]], args: argparse.
     reference = statistics.mean(gains(results["draft-k"]))
     lines = [
         "# Sample efficiency in the embedded shapes world",
+        "",
+        provenance.header(),
         "",
         f"Command: `python benchmarks/sample_efficiency.py --steps {args.steps} --seeds {args.seeds}`; reward "
         "`shapes` (objective size) with the demo's settings (lr, batch, 10 DDIM steps, guidance 3, LoRA rank 4). "

@@ -20,6 +20,7 @@ import platform
 import tempfile
 import time
 
+import provenance
 import torch
 
 from finetune.config import TrainConfig
@@ -134,6 +135,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     k = make_config(args).effective_k
+    print(provenance.header())
     print(
         f"one {args.method} training step (K {k}), pipeline {args.model or args.size}, reward {args.reward}"
         f"{' (tiny)' if args.tiny_reward else ''}, T = {args.steps}, guidance {args.guidance}, batch {args.batch}, "
@@ -175,9 +177,10 @@ def main() -> None:
     print(f"\n{'variant':>16} {'s/step':>8} {'time vs ' + variants[0]:>22}")
     for name, row in results.items():
         print(f"{name:>16} {row['step_seconds']:>8.3f} {row['step_seconds'] / first:>22.2f}")
+    print(provenance.footer())
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "commit": provenance.commit(), "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -217,6 +217,21 @@ FAMILY_SIZES: dict[str, dict[str, dict]] = {
 }
 """Random pipelines of the other families by name (``PIPELINE_SIZES`` holds SD 1.x/2.x's); the real geometries
 (``base``, ``3.5-medium``, ``3.5-large``, ``dev``, ``schnell``) are for the meta device (counts, no compute)."""
+FAMILY_SIZES["flux"]["small"] = dict(
+    # Memory studies on CPU (benchmarks/peak_memory.py): 128-wide, 2 double + 4 single blocks over 576 tokens
+    # (512 T5 + 64 image), so that the transformer's activations, not the VAE's, dominate a step; 128x128 images.
+    FAMILY_SIZES["flux"]["tiny"],
+    transformer=dict(
+        FAMILY_SIZES["flux"]["tiny"]["transformer"],
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        axes_dims_rope=(8, 12, 12),
+    ),
+    vae=dict(FAMILY_SIZES["flux"]["tiny"]["vae"], block_out_channels=(32, 32, 64, 64), norm_num_groups=16),
+    resolution=128,
+)
 FAMILY_SIZES["flux"]["tiny-schnell"] = dict(
     FAMILY_SIZES["flux"]["tiny"],
     transformer=dict(FAMILY_SIZES["flux"]["tiny"]["transformer"], guidance_embeds=False),

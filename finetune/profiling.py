@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from finetune.families import family_for
@@ -218,3 +219,122 @@ def profile_step(trainer: Trainer, repeats: int = 3, warmup: int = 1, count: boo
         timer.reset()
     seconds = {name: statistics.median(values) for name, values in per_phase.items()}
     return StepProfile(seconds, flops, statistics.median(steps), peak)
+
+
+LORA_STATE_BYTES = 4 + 4 + 4 + 4
+"""Per LoRA parameter: fp32 weight, fp32 gradient, and Adam's two fp32 moments."""
+
+
+class _SavedActivations(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes autograd saves for backward, each tensor (or the tensor a view is of) once, parameters excluded
+    (they are counted as weights). Works on the meta device: tensors are told apart by identity, kept alive for
+    the count so that no identity is reused."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: dict[int, torch.Tensor] = {}
+        super().__init__(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor if tensor._base is None else tensor._base
+        if id(base) not in self._seen and not isinstance(base, torch.nn.Parameter):
+            self._seen[id(base)] = base
+            self.bytes += base.numel() * base.element_size()
+        return tensor
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Attention as a GPU's fused kernels save it for backward (inputs, output and log-sum-exp; not the N x N
+    probabilities that the meta device's math fallback would keep): unmasked, non-causal calls of
+    ``scaled_dot_product_attention`` run as ``aten._scaled_dot_product_efficient_attention``."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+            call = {**dict(zip(names, args, strict=False)), **kwargs}
+            plain = not any(call.get(name) for name in ("dropout_p", "is_causal", "enable_gqa"))
+            if plain and call.get("attn_mask") is None:
+                efficient = torch.ops.aten._scaled_dot_product_efficient_attention
+                inputs = (call["query"], call["key"], call["value"])
+                return efficient(*inputs, None, True, scale=call.get("scale"))[0]
+        return func(*args, **kwargs)
+
+
+def _bytes(modules: list[torch.nn.Module], trainable: bool = False) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters() if p.requires_grad == trainable)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """GPU memory of one DRaFT-1 step at batch 1 with gradient checkpointing, by part (bytes)."""
+
+    frozen_weights: int
+    """Every frozen network in bf16 (counted): denoiser, VAE, text encoders, reward."""
+    text_encoders: int
+    """The text encoders' share of ``frozen_weights`` (off the GPU with ``--offload-text-encoders``)."""
+    lora_parameters: int
+    """LoRA parameter count on the family's default targets (counted)."""
+    lora_state: int
+    """LoRA weights, gradients and Adam moments in fp32 (counted)."""
+    denoiser_activations: int
+    """Tensors one guided denoiser call saves for backward in bf16 (counted on the meta device): what the
+    checkpointed grad step holds while it recomputes and back-propagates."""
+    decode_reward_activations: int
+    """Tensors the VAE decode and the reward save for backward in bf16 (counted on the meta device)."""
+
+    @property
+    def activations(self) -> int:
+        """The two backward phases run one after the other, so the larger one is live at the peak."""
+        return max(self.denoiser_activations, self.decode_reward_activations)
+
+    @property
+    def total(self) -> int:
+        """Weights + LoRA state + the larger phase's activations. Not counted: the backward's transient
+        buffers (gradients of activations, attention workspaces), the CUDA context and allocator slack."""
+        return self.frozen_weights + self.lora_state + self.activations
+
+
+def memory_model(
+    pipeline: DiffusionPipeline, reward: torch.nn.Module, resolution: int | None = None, lora_rank: int = 8
+) -> MemoryEstimate:
+    """The memory of DRaFT-1 at batch 1 for a pipeline and reward built on the meta device (they are modified:
+    cast to bf16, LoRA added as the trainer adds it), at the family's native resolution and guidance unless told.
+    Weights and LoRA state are counted exactly; activations are the bytes autograd saves in one bf16 forward of
+    each phase with LoRA trainable, which is the dominant part of a backward's working memory, not all of it."""
+    from peft import LoraConfig
+
+    family = family_for(pipeline)
+    defaults = family.defaults
+    resolution = resolution or defaults.resolution
+    for module in [*family.components(), reward]:
+        for parameter in module.requires_grad_(False).parameters():
+            parameter.data = parameter.data.to(torch.bfloat16)
+    family.denoiser.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(family.lora_targets)))
+    for name, parameter in family.denoiser.named_parameters():
+        if "lora_" in name:
+            parameter.data = parameter.data.float()  # the trainer keeps LoRA in fp32
+    lora_parameters = sum(p.numel() for p in family.denoiser.parameters() if p.requires_grad)
+    device = family.device
+    solver = family.solver(1, resolution)
+    noise = torch.zeros(1, *family.latent_shape(resolution), device=device, dtype=torch.bfloat16)
+    latents = family.initial_latents(noise, solver)
+    with torch.no_grad():
+        conditioning = family.encode(["a photo"], defaults.guidance_scale, resolution)
+    conditioning = conditioning._map(lambda value: value.to(torch.bfloat16) if value.is_floating_point() else value)
+    denoiser_saved, decode_saved = _SavedActivations(), _SavedActivations()
+    with denoiser_saved, _FusedAttention():
+        family.guided(family.denoiser, latents, solver.timesteps[0], conditioning, defaults.guidance_scale)
+    score = getattr(reward, "compute", reward)
+    with decode_saved, _FusedAttention():
+        images = family.decode(latents.detach().requires_grad_(), resolution)
+        score(images.float().clamp(-1, 1) * 0.5 + 0.5, ["a photo"])
+    text = family.text_encoders()
+    return MemoryEstimate(
+        frozen_weights=_bytes(family.components()) + _bytes([reward]),
+        text_encoders=_bytes(text),
+        lora_parameters=lora_parameters,
+        lora_state=lora_parameters * LORA_STATE_BYTES,
+        denoiser_activations=denoiser_saved.bytes,
+        decode_reward_activations=decode_saved.bytes,
+    )

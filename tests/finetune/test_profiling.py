@@ -5,9 +5,11 @@ import torch
 
 from finetune.pipelines import build_random_pipeline, load_pipeline
 from finetune.profiling import (
+    LORA_STATE_BYTES,
     PHASES,
     component_flops,
     lower_bound_flops,
+    memory_model,
     profile_step,
     spec_peak_flops,
     step_floor_flops,
@@ -89,3 +91,40 @@ def test_timer_records_only_when_enabled():
         pass
     assert set(timer.seconds) == {"a"} and timer.seconds["a"] >= 0
     assert spec_peak_flops("cpu") is None
+
+
+def test_memory_model_counts_weights_and_lora_as_the_trainer_builds_them(tiny_config):
+    with torch.device("meta"):
+        pipeline = build_random_pipeline("tiny", family="flux")
+        reward = get_reward("aesthetic", pretrained=False, tiny=True)
+    parameters = sum(
+        p.numel() for m in pipeline.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters()
+    )
+    parameters += sum(p.numel() for p in reward.parameters())
+    estimate = memory_model(pipeline, reward, resolution=64, lora_rank=4)
+    assert estimate.frozen_weights == 2 * parameters  # bf16
+    trainer = Trainer(
+        build_random_pipeline("tiny", family="flux"),
+        get_reward("contrast"),
+        tiny_config.replace(lora_rank=4, resolution=64),
+    )
+    trained = sum(p.numel() for p in trainer.family.denoiser.parameters() if p.requires_grad)
+    assert estimate.lora_parameters == trained > 0
+    assert estimate.lora_state == trained * LORA_STATE_BYTES
+    assert 0 < estimate.text_encoders < estimate.frozen_weights
+    assert estimate.total == estimate.frozen_weights + estimate.lora_state + max(
+        estimate.denoiser_activations, estimate.decode_reward_activations
+    )
+
+
+def test_memory_model_saves_attention_as_a_fused_kernel():
+    """One attention call saves what a fused GPU kernel saves, not the N x N probabilities."""
+    from finetune.profiling import _FusedAttention, _SavedActivations
+
+    q, k, v = (torch.empty(1, 2, 64, 8, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    saved = _SavedActivations()
+    with saved, _FusedAttention():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    # q, k, v, output (bf16), log-sum-exp (fp32), the kernel's two int64 RNG state scalars; the probabilities
+    # alone would be 2 * 64 * 64 * 2 = 16384 bytes.
+    assert saved.bytes == 4 * (2 * 64 * 8 * 2) + 2 * 64 * 4 + 2 * 8
