@@ -37,6 +37,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from compose.geometry import TRANSFORMER_CONFIGS, UNET_CONFIGS
 from finetune.families import Family, family_class, family_for
 from rewards.clip import build_clip_tokenizer
 
@@ -85,15 +86,7 @@ PIPELINE_SIZES: dict[str, dict] = {
     ),
     # The real SD 1.5 geometry (859.5M UNet parameters), random weights: costs exactly what SD 1.5 costs.
     "sd15": dict(
-        unet=dict(
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        ),
+        unet=UNET_CONFIGS["sd_v1"],
         vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
         text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
         resolution=512,
@@ -264,44 +257,15 @@ FLOW_VAE = dict(use_quant_conv=False, use_post_quant_conv=False, latent_channels
 
 FAMILY_SIZES["sdxl"]["base"] = dict(
     # stabilityai/stable-diffusion-xl-base-1.0
-    unet=dict(
-        block_out_channels=(320, 640, 1280),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        cross_attention_dim=2048,
-        norm_num_groups=32,
-    ),
+    unet=UNET_CONFIGS["sdxl_base_v1-0"],
     vae=dict(REAL_VAE, latent_channels=4, scaling_factor=0.13025),
     text=CLIP_L,
     text_2=CLIP_G,
     resolution=1024,
 )
-SD35 = dict(
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    attention_head_dim=64,
-    joint_attention_dim=4096,
-    pooled_projection_dim=2048,
-    qk_norm="rms_norm",
-)
 FAMILY_SIZES["sd3"]["3.5-medium"] = dict(
     # stabilityai/stable-diffusion-3.5-medium (MMDiT-X: dual attention in the first 13 blocks)
-    transformer=dict(
-        SD35,
-        num_layers=24,
-        num_attention_heads=24,
-        caption_projection_dim=1536,
-        pos_embed_max_size=384,
-        dual_attention_layers=tuple(range(13)),
-    ),
+    transformer=TRANSFORMER_CONFIGS["sd3.5-medium"],
     vae=dict(REAL_VAE, **FLOW_VAE, scaling_factor=1.5305, shift_factor=0.0609),
     text=CLIP_L,
     text_2=CLIP_G,
@@ -311,22 +275,11 @@ FAMILY_SIZES["sd3"]["3.5-medium"] = dict(
 FAMILY_SIZES["sd3"]["3.5-large"] = dict(
     FAMILY_SIZES["sd3"]["3.5-medium"],
     # stabilityai/stable-diffusion-3.5-large
-    transformer=dict(SD35, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192),
+    transformer=TRANSFORMER_CONFIGS["sd3.5-large"],
 )
 FAMILY_SIZES["flux"]["dev"] = dict(
     # black-forest-labs/FLUX.1-dev
-    transformer=dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        axes_dims_rope=(16, 56, 56),
-        guidance_embeds=True,
-    ),
+    transformer=TRANSFORMER_CONFIGS["flux-1-dev"],
     vae=dict(REAL_VAE, **FLOW_VAE, scaling_factor=0.3611, shift_factor=0.1159),
     text=CLIP_L,
     t5=T5_XXL,
@@ -422,7 +375,7 @@ def _build_sd3(spec: dict) -> StableDiffusion3Pipeline:
     latent_size = spec["resolution"] // 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
     t5_tokenizer = build_t5_tokenizer()
     return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(sample_size=latent_size, **spec["transformer"]),
+        transformer=SD3Transformer2DModel(**{**spec["transformer"], "sample_size": latent_size}),
         scheduler=_scheduler(FlowMatchEulerDiscreteScheduler, SD3_SCHEDULER),
         vae=vae,
         text_encoder=_clip(spec["text"], projection=True),
