@@ -54,7 +54,7 @@ OBJECTIVES = (
 
 @dataclass
 class DemoConfig:
-    """Settings of ``python -m finetune demo`` (the defaults take about 3 minutes on 2 CPU cores)."""
+    """Settings of ``python -m finetune demo`` (the defaults take 3 to 6 minutes on 2 CPU cores; README)."""
 
     output_dir: str = "outputs/demo"
     pipeline: str = str(SHIPPED_PIPELINE)
