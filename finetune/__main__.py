@@ -145,7 +145,7 @@ def demo(args: argparse.Namespace) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the model's preset, then the YAML file, then the flags that were given."""
-    values = TrainConfig.load(args.config).to_dict() if args.config else {}
+    values = TrainConfig.read_settings(args.config) if args.config else {}
     values.update({name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None})
     if args.reward_options:
         values["reward_options"] = parse_options(args.reward_options)

@@ -190,13 +190,19 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(cls.read_settings(path))
+
+    @staticmethod
+    def read_settings(path: str | Path) -> dict[str, Any]:
+        """The settings a YAML file gives, as written (defaults not filled in, so that they do not override a
+        model's preset)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must hold a mapping of settings")
-        return cls.from_dict(values)
+        return values
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -130,6 +130,7 @@ def test_world_model_preset(tmp_path):
     args = ["train", "--model", "world", "--config", str(tmp_path / "c.yaml"), "--resolution", "64"]
     config = config_from_args(parser.parse_args(args))
     assert (config.num_inference_steps, config.resolution) == (4, 64)  # file and flags beat the preset
+    assert config.prompts == WORLD_TRAINING["prompts"]  # and what the file does not give stays the preset's
 
 
 def test_resume_command():
