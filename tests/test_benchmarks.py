@@ -31,10 +31,11 @@ def check_rows(rows: list[list[str]]) -> None:
         assert re.fullmatch(r"\d+\.\d%", row[6]), row  # fraction of the FLOP floor
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
-def test_gpu_benchmark_smoke_report_for_every_family(tmp_path, family):
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_gpu_benchmark_smoke_report_for_a_unet_and_a_transformer_family(tmp_path, family):
     """The family's tiny pipeline through the GPU benchmark's code path on the CPU: batch 1 for DRaFT-1 and
-    DRaFT-LV, then the batch search, with the commit it ran on in the report."""
+    DRaFT-LV, then the batch search, with the commit it ran on in the report. (The benchmark's code is the same for
+    every family but the pipeline it builds; SDXL and SD3 sampling is covered by tests/finetune/test_families.py.)"""
     report_path = tmp_path / "report.md"
     run(
         "gpu_families.py",
