@@ -16,19 +16,24 @@ import torch  # noqa: E402
 REFERENCE_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "weights"
 
 
-def _needs_extra(item) -> bool:
-    """A test parametrised over a reward whose packages come from an optional extra (e.g. ``yolo``)."""
+def _optional_rewards() -> set[str]:
+    """Rewards whose packages come from an optional extra (e.g. ``yolo``)."""
     from rewards.registry import get_entry, list_rewards
 
-    optional = {name for name in list_rewards() if get_entry(name).requires}
+    return {name for name in list_rewards() if get_entry(name).requires}
+
+
+def _needs_extra(item, optional: set[str]) -> bool:
+    """A test parametrised over a reward that needs an optional extra."""
     params = item.callspec.params.values() if hasattr(item, "callspec") else ()
     return any(isinstance(value, str) and value in optional for value in params)
 
 
 def pytest_collection_modifyitems(config, items):
+    optional = _optional_rewards()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if _needs_extra(item):
+        if _needs_extra(item, optional):
             item.add_marker(pytest.mark.extra)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
