@@ -82,26 +82,49 @@ class FailingOnRank1:
         return images.mean(dim=(1, 2, 3))
 
 
+class FailingToMoveOnRank1(torch.nn.Module):
+    # Fails while the trainer sets up (moving the reward to the device), before DDP's first collective.
+
+    def to(self, *args, **kwargs):
+        if os.environ["RANK"] == "1":
+            with open(sys.argv[2] + ".failed_at", "w") as file:
+                file.write(repr(time.time()))
+            raise RuntimeError("the reward could not be moved on rank 1")
+        return self
+
+    def forward(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
 config = TrainConfig(
     resolution=64, num_inference_steps=2, guidance_scale=3.0, batch_size=1, steps=4, eval_every=100,
     eval_seeds=(0,), output_dir=sys.argv[2], device="cpu",
 )
-Trainer(load_pipeline(sys.argv[1]), FailingOnRank1(), config, eval_prompts=["a cat"]).train()
+reward = {"step": FailingOnRank1, "set-up": FailingToMoveOnRank1}[sys.argv[3]]()
+Trainer(load_pipeline(sys.argv[1]), reward, config, eval_prompts=["a cat"]).train()
 """
 
 
 @pytest.mark.slow
-def test_a_failing_rank_ends_every_rank_with_its_message(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("when", "message"),
+    [
+        ("step", "RuntimeError: the reward exploded on rank 1 at step 2"),
+        ("set-up", "RuntimeError: the reward could not be moved on rank 1"),
+    ],
+)
+def test_a_failing_rank_ends_every_rank_with_its_message(tiny_model_dir, tmp_path, when, message):
     script = tmp_path / "failing.py"
     script.write_text(FAILING)
     out = tmp_path / "run"
-    command = [*LAUNCHER, "--nproc_per_node=2", str(script), str(tiny_model_dir), str(out)]
+    command = [*LAUNCHER, "--nproc_per_node=2", str(script), str(tiny_model_dir), str(out), when]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     ended = time.time()
     assert result.returncode != 0
     failed_at = float((tmp_path / "run.failed_at").read_text())
     assert ended - failed_at < 15, f"the run took {ended - failed_at:.1f} s to end after rank 1 raised"
     output = result.stdout + result.stderr
-    assert "RuntimeError: the reward exploded on rank 1 at step 2" in output  # rank 1's own traceback
-    # Rank 0 (waiting for rank 1's gradients) ends with rank 1's message, from the watchdog.
-    assert "error: rank 1 failed: RuntimeError: the reward exploded on rank 1 at step 2 (ending rank 0)" in output
+    assert message in output  # rank 1's own traceback
+    # Rank 0 (waiting for rank 1 in a collective: DDP's set-up or the gradient all-reduce) ends with rank 1's
+    # message, from the watchdog.
+    assert f"error: rank 1 failed: {message} (ending rank 0)" in output
