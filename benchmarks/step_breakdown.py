@@ -1,9 +1,11 @@
 """Where one training step's time goes: seconds, FLOPs and TFLOP/s per phase, and the distance to the FLOP floor.
 
 For a pipeline (a random SD-architecture one of a named ``--size``, or ``--model`` for real weights, which cost
-the same) and settings, each speed variant builds a fresh trainer and times ``--repeats`` steps phase by phase
-(no-grad sampling, grad steps forward and backward, VAE decode, reward, optimizer) after a warm-up step (which
-also compiles). The plain variant's FLOPs are counted per phase with ``FlopCounterMode``. The floor is the cost
+the same) and settings, each speed variant builds a fresh trainer; after a warm-up step each (which also
+compiles), ``--repeats`` rounds time one step of every variant in turn, phase by phase (no-grad sampling, grad
+steps forward and backward, VAE decode, reward, optimizer), so a change in the machine's load falls on every
+variant alike; medians are reported. Every variant's trainer is held at once: on a small GPU, pass fewer
+``--variants``. The first variant's FLOPs are counted per phase with ``FlopCounterMode``. The floor is the cost
 model of ``shared/reference/PERFORMANCE.md``: component forward FLOPs (one UNet evaluation, VAE decode, reward
 call, counted on this pipeline) times how often the step runs them, forwards of graph-keeping parts twice, at
 the device's peak: the data-sheet BF16 peak for known GPUs, else the best rate of a large matmul measured here.
@@ -29,7 +31,7 @@ from finetune.profiling import (
     PHASES,
     StepProfile,
     measured_peak_flops,
-    profile_step,
+    profile_steps,
     spec_peak_flops,
     step_floor_flops,
 )
@@ -141,18 +143,20 @@ def main() -> None:
         f"{' (tiny)' if args.tiny_reward else ''}, T = {args.steps}, guidance {args.guidance}, batch {args.batch}, "
         f"chunk {args.chunk}, device {describe_device(device)}"
     )
+    trainers = {name: build(args, make_config(args, **VARIANTS[name])) for name in variants}
+    first = trainers[variants[0]]
+    peak, peak_source = peak_flops(device, first.autocast_dtype or torch.float32)
+    # The floor depends on the work, not on how it runs: the same for every variant.
+    floor = step_floor_flops(first) / peak
+    print(f"FLOP floor at {peak / 1e12:.3f} TFLOP/s ({peak_source}): {floor:.3f} s per step")
+    start = time.perf_counter()
+    # FLOPs are counted op by op in eager mode, once (they do not depend on the variant).
+    counted = [variants[0]] if variants[0] != "compiled-prefix" else []
+    profiles = profile_steps(trainers, repeats=args.repeats, count=counted)
+    print(f"(warmed up, then {args.repeats} rounds of one step per variant, in {time.perf_counter() - start:.0f} s)")
     results: dict[str, dict] = {}
-    floor = None
-    for name in variants:
-        trainer = build(args, make_config(args, **VARIANTS[name]))
-        if floor is None:  # the same for every variant: it depends on the work, not on how it runs
-            peak, peak_source = peak_flops(device, trainer.autocast_dtype or torch.float32)
-            floor = step_floor_flops(trainer) / peak
-            print(f"FLOP floor at {peak / 1e12:.3f} TFLOP/s ({peak_source}): {floor:.3f} s per step")
-        start = time.perf_counter()
-        # FLOPs are counted op by op in eager mode, once (they do not depend on the variant).
-        profile = profile_step(trainer, repeats=args.repeats, count=not results and name != "compiled-prefix")
-        print(f"\n[{name}] (warmed up and measured in {time.perf_counter() - start:.0f} s)")
+    for name, profile in profiles.items():
+        print(f"\n[{name}]")
         print_phases(profile)
         if profile.flops:
             print(
@@ -172,11 +176,10 @@ def main() -> None:
             "peak_memory_bytes": profile.peak_memory_bytes,
             "fraction_of_floor": floor / profile.step_seconds,
         }
-        del trainer
-    first = results[variants[0]]["step_seconds"]
+    baseline = results[variants[0]]["step_seconds"]
     print(f"\n{'variant':>16} {'s/step':>8} {'time vs ' + variants[0]:>22}")
     for name, row in results.items():
-        print(f"{name:>16} {row['step_seconds']:>8.3f} {row['step_seconds'] / first:>22.2f}")
+        print(f"{name:>16} {row['step_seconds']:>8.3f} {row['step_seconds'] / baseline:>22.2f}")
     print(provenance.footer())
     if args.json:
         with open(args.json, "w") as f:

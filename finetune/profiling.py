@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -188,37 +188,75 @@ class StepProfile:
 def profile_step(trainer: Trainer, repeats: int = 3, warmup: int = 1, count: bool = True) -> StepProfile:
     """Time ``repeats`` training steps phase by phase (after ``warmup`` untimed ones, which also compile), then
     count one more step's FLOPs per phase under ``FlopCounterMode`` (slower, so untimed). Trains the LoRA."""
+    return profile_steps({"": trainer}, repeats, warmup, count=("",) if count else ())[""]
+
+
+def profile_steps(
+    trainers: dict[str, Trainer], repeats: int = 3, warmup: int = 1, count: Sequence[str] = ()
+) -> dict[str, StepProfile]:
+    """Profile several trainers side by side: after ``warmup`` untimed steps each, ``repeats`` rounds in which
+    every trainer takes one timed step in turn, so that a change in the machine's load during the measurement
+    falls on all of them alike; medians per trainer. The trainers named in ``count`` then count one more step's
+    FLOPs per phase (slower, so untimed). Trains the LoRAs."""
+    for trainer in trainers.values():
+        for _ in range(warmup):
+            trainer.train_step()
+    per_phase: dict[str, dict[str, list[float]]] = {name: {} for name in trainers}
+    steps: dict[str, list[float]] = {name: [] for name in trainers}
+    peaks: dict[str, int | None] = dict.fromkeys(trainers)
+    for _ in range(repeats):
+        for name, trainer in trainers.items():
+            seconds, phases, peak = _timed_step(trainer)
+            steps[name].append(seconds)
+            for phase, value in phases.items():
+                per_phase[name].setdefault(phase, []).append(value)
+            if peak is not None:
+                peaks[name] = max(peaks[name] or 0, peak)
+    return {
+        name: StepProfile(
+            {phase: statistics.median(values) for phase, values in per_phase[name].items()},
+            _count_step_flops(trainer) if name in count else {},
+            statistics.median(steps[name]),
+            peaks[name],
+        )
+        for name, trainer in trainers.items()
+    }
+
+
+def _timed_step(trainer: Trainer) -> tuple[float, dict[str, float], int | None]:
+    """One training step's seconds, seconds per phase, and CUDA peak memory."""
     timer = trainer.timer
-    for _ in range(warmup):
-        trainer.train_step()
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
-    per_phase: dict[str, list[float]] = {}
-    steps = []
     timer.enabled = True
+    timer.reset()
     try:
-        for _ in range(repeats):
-            timer.reset()
-            start = time.perf_counter()
+        start = time.perf_counter()
+        trainer.train_step()
+        timer.synchronize()
+        seconds = time.perf_counter() - start
+        phases = dict(timer.seconds)
+    finally:
+        timer.enabled = False
+        timer.reset()
+    peak = torch.cuda.max_memory_allocated(trainer.device) if trainer.device.type == "cuda" else None
+    return seconds, phases, peak
+
+
+def _count_step_flops(trainer: Trainer) -> dict[str, int]:
+    """FLOPs per phase of one training step, counted op by op."""
+    timer = trainer.timer
+    timer.enabled = True
+    timer.reset()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            timer.flop_counter = counter
             trainer.train_step()
-            timer.synchronize()
-            steps.append(time.perf_counter() - start)
-            for name, seconds in timer.seconds.items():
-                per_phase.setdefault(name, []).append(seconds)
-        peak = torch.cuda.max_memory_allocated(trainer.device) if trainer.device.type == "cuda" else None
-        flops: dict[str, int] = {}
-        if count:
-            timer.reset()
-            with FlopCounterMode(display=False) as counter:
-                timer.flop_counter = counter
-                trainer.train_step()
-            flops = dict(timer.flops)
+        return dict(timer.flops)
     finally:
         timer.enabled = False
         timer.flop_counter = None
         timer.reset()
-    seconds = {name: statistics.median(values) for name, values in per_phase.items()}
-    return StepProfile(seconds, flops, statistics.median(steps), peak)
 
 
 LORA_STATE_BYTES = 4 + 4 + 4 + 4
