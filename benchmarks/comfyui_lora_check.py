@@ -27,6 +27,7 @@ ComfyUI is GPL and is not a dependency: it is imported from the given checkout a
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import math
 import re
@@ -106,29 +107,29 @@ class Captured(logging.Handler):
         return taken
 
 
+COMFYUI_MODULES = ("lora", "model_detection", "model_patcher", "sd", "supported_models_base", "utils")
+COMFYUI_MODULES += ("text_encoders.flux", "text_encoders.sd3_clip")
+
+
 def import_comfyui(path: Path):
-    """ComfyUI's modules from its checkout, on the CPU (its device probe would ask for CUDA otherwise)."""
+    """ComfyUI's ``comfy`` package from the user's checkout (not an installed dependency, hence ``importlib``), on
+    the CPU (its device probe would ask for CUDA otherwise), and its text-encoder targets per family."""
     if not (path / "comfy" / "lora.py").exists():
         raise SystemExit(f"--comfyui {path}: not a ComfyUI checkout (no comfy/lora.py there)")
     sys.path.append(str(path))
     try:
-        from comfy.cli_args import args
-
-        args.cpu = True
-        import comfy.lora
-        import comfy.model_detection
-        import comfy.model_patcher
-        import comfy.sd
-        import comfy.supported_models_base
-        import comfy.utils
-        from comfy.text_encoders import flux, sd3_clip
+        importlib.import_module("comfy.cli_args").args.cpu = True
+        for name in COMFYUI_MODULES:
+            importlib.import_module(f"comfy.{name}")
     except ModuleNotFoundError as err:
         raise SystemExit(
             f"ComfyUI at {path} needs {err.name!r}: pip install {err.name} (not a compose dependency)"
         ) from None
+    comfy = sys.modules["comfy"]
+    encoders = comfy.text_encoders
     clip_targets = {
-        "flux": comfy.supported_models_base.ClipTarget(flux.FluxTokenizer, flux.FluxClipModel),
-        "sd3": comfy.supported_models_base.ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.SD3ClipModel),
+        "flux": comfy.supported_models_base.ClipTarget(encoders.flux.FluxTokenizer, encoders.flux.FluxClipModel),
+        "sd3": comfy.supported_models_base.ClipTarget(encoders.sd3_clip.SD3Tokenizer, encoders.sd3_clip.SD3ClipModel),
     }
     return comfy, clip_targets
 
