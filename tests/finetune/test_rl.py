@@ -230,3 +230,43 @@ def test_ddpo_resume_continues_as_one_run(tiny_model_dir, tiny_config, tmp_path)
     assert lora_whole.keys() == lora_split.keys()
     for key, value in lora_whole.items():
         torch.testing.assert_close(lora_split[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-sd3"
+    build_random_pipeline("tiny", seed=0, family="sd3").save_pretrained(path)
+    return path
+
+
+def test_grpo_records_the_sde_step_and_trains_with_kl_to_the_base(tiny_sd3_dir, tiny_config):
+    """On SD3: each recorded step is the flow's Euler step plus the SDE's correction, drawn with the SDE's
+    standard deviation (here from the solver's Euler step and the noise level), and its log-probability is that
+    Gaussian's density; a round with the KL term trains the LoRA and leaves it trainable."""
+    config = tiny_config.replace(method="grpo", num_inference_steps=3, grpo_group_size=2, grpo_kl_weight=0.1, lr=1e-2)
+    trainer = Trainer(load_pipeline(tiny_sd3_dir), get_reward("contrast"), config, prompts=["a cat", "a red car"])
+    rl, sampler = trainer.rl, trainer.sampler
+    prompts = ["a cat", "a cat"]
+    noise = torch.randn(2, 4, *trainer.latent_shape, generator=torch.Generator().manual_seed(5))
+    states, log_probs = rl.rollout(prompts, noise)
+    sigmas = sampler.solver.sigmas
+    with torch.no_grad():
+        conditioning = sampler.encode(prompts)
+        for i in range(3):
+            x = states[:, i]
+            v = sampler.model_output(x, sampler.timesteps[i], conditioning)
+            euler, _ = sampler.solver.step(v, i, x)
+            t, dt = float(sigmas[i]), float(sigmas[i + 1] - sigmas[i])
+            level = 0.7 * math.sqrt(t / (1 - (float(sigmas[1]) if i == 0 else t)))
+            mean = euler + level**2 / (2 * t) * (x + (1 - t) * v) * dt
+            std = level * math.sqrt(-dt)
+            torch.testing.assert_close(states[:, i + 1], mean + std * noise[:, i + 1], rtol=0, atol=1e-4)
+            torch.testing.assert_close(
+                log_probs[:, i].double(), normal_log_prob(states[:, i + 1], mean, std), rtol=1e-5, atol=1e-4
+            )
+    assert float(sigmas[0]) == 1.0  # the first step used the t = 1 rule
+    before = {name: p.detach().clone() for name, p in trainer.named_params.items()}
+    metrics = trainer.train_step()
+    assert metrics["reward_queries"] == config.batch_size and math.isfinite(metrics["kl"]) and metrics["kl"] >= 0
+    assert all(p.requires_grad for p in trainer.named_params.values())
+    assert max((p - before[name]).abs().max().item() for name, p in trainer.named_params.items()) > 0
