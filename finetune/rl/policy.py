@@ -5,8 +5,8 @@ One trainer step is one round. Each process samples ``batch_size x grad_accum`` 
 ``batch_size``; the prompts and noise come from the step's global draws, as for the DRaFT methods, so they do not
 depend on how the round is split over processes). The rewards of every process are gathered and the advantages
 computed on the whole round, so per-prompt statistics and groups may span processes. Then, for each of
-``ddpo_inner_epochs`` passes, the process's trajectories are shuffled and split into ``ddpo_minibatches``
-minibatches; each minibatch makes one optimizer step whose gradient is accumulated over its rows (in micro-batches
+``ddpo_inner_epochs`` passes, the process's trajectories are shuffled (in the order of one permutation of the
+whole round, drawn alike on every process) and split into ``ddpo_minibatches`` minibatches; each minibatch makes one optimizer step whose gradient is accumulated over its rows (in micro-batches
 of ``batch_size``) and over the trained positions of the schedule (a ``ddpo_timestep_fraction`` of them, drawn per
 minibatch). Each (micro-batch, position) pair is one forward and one backward of the DDP-wrapped model, all but the
 last of a minibatch under ``no_sync``. The loss of a transition with log-probability ratio ``r`` to the sampling
@@ -70,6 +70,8 @@ class Round:
     """[N] rewards of this process's rows."""
     advantages: torch.Tensor
     """[N] advantages (normalised over the whole round, clipped)."""
+    rows: torch.Tensor
+    """[N] the rows' places in the round's global order (micro-batch-major, then process)."""
     all_scores: torch.Tensor
     """Every process's rewards (the round's global order)."""
     members: dict[str, torch.Tensor]
@@ -197,6 +199,7 @@ class PolicyGradient(ABC):
             torch.cat(log_probs),
             torch.cat(scores),
             advantages[mine],
+            mine,
             all_scores,
             {key: torch.cat(values) for key, values in members.items()},
         )
@@ -212,7 +215,7 @@ class PolicyGradient(ABC):
         totals = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "kl": 0.0}
         count, losses, grad_norm = 0, [], 0.0
         for _ in range(config.ddpo_inner_epochs):
-            order = torch.randperm(rows, generator=trainer.generator)
+            order = self.shuffle(data.rows, len(data.all_scores))
             for m in range(config.ddpo_minibatches):
                 chosen = order[m * size : (m + 1) * size]
                 picked = torch.randperm(len(positions), generator=trainer.generator)[:trained]
@@ -245,6 +248,14 @@ class PolicyGradient(ABC):
                 grad_norm = trainer._optimizer_step(loss_value)
         stats = {key: value / count for key, value in totals.items() if key != "loss"}
         return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, **stats}
+
+    def shuffle(self, rows: torch.Tensor, total: int) -> torch.Tensor:
+        """A random order of this process's rows: their order in one permutation of the round's ``total`` rows,
+        drawn alike on every process (so the draws do not depend on how the round is split over processes)."""
+        permutation = torch.randperm(total, generator=self.trainer.generator)
+        place = torch.empty_like(permutation)
+        place[permutation] = torch.arange(total)
+        return torch.argsort(place[rows])
 
     def train_step(self) -> dict[str, Any]:
         """One round (a trainer step); returns its metrics."""

@@ -3,6 +3,8 @@ computations, the PPO ratio before any update, the advantages, rewards without a
 resume."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from finetune.rl.grpo import group_advantages, sde_transition
 from finetune.rl.policy import ppo_loss
 from finetune.trainer import Trainer
 from rewards import get_reward
+from tests.finetune.test_distributed import LAUNCHER
 
 ETA = 1.0
 
@@ -270,3 +273,29 @@ def test_grpo_records_the_sde_step_and_trains_with_kl_to_the_base(tiny_sd3_dir, 
     assert metrics["reward_queries"] == config.batch_size and math.isfinite(metrics["kl"]) and metrics["kl"] >= 0
     assert all(p.requires_grad for p in trainer.named_params.values())
     assert max((p - before[name]).abs().max().item() for name, p in trainer.named_params.items()) > 0
+
+
+@pytest.mark.slow
+def test_ddpo_two_processes_equal_one_with_the_same_round(tiny_model_dir, tmp_path):
+    """DDP: two processes with batch 1 sample, reward and normalise the round of one process with batch 2, and
+    (one minibatch: the gradient is the round's mean) make the same update through the DDP-wrapped model."""
+    (tmp_path / "eval.txt").write_text("a cat\na red car\n")
+    loras = []
+    for processes, batch in ((1, 2), (2, 1)):
+        out = tmp_path / f"run{processes}"
+        launcher = [*LAUNCHER, f"--nproc_per_node={processes}", "-m"] if processes > 1 else [sys.executable, "-m"]
+        command = [
+            *launcher,
+            "finetune", "train", "--model", str(tiny_model_dir), "--reward", "jpeg-compressibility", "--method",
+            "ddpo", "--ddpo-minibatches", "1", "--ddpo-min-count", "1", "--steps", "2", "--batch-size", str(batch),
+            "--resolution", "64", "--num-inference-steps", "2", "--guidance-scale", "3", "--lr", "0.01",
+            "--output-dir", str(out), "--device", "cpu", "--eval-every", "100", "--eval-prompts",
+            str(tmp_path / "eval.txt"),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        loras.append(load_file(str(out / "pytorch_lora_weights.safetensors")))
+    single, ddp = loras
+    assert max(v.abs().max().item() for k, v in single.items() if "lora.up" in k) > 1e-4
+    for key, value in single.items():
+        torch.testing.assert_close(ddp[key], value, rtol=0, atol=1e-5, msg=key)
