@@ -6,12 +6,14 @@ One trainer step is one round. Each process samples ``batch_size x grad_accum`` 
 depend on how the round is split over processes). The rewards of every process are gathered and the advantages
 computed on the whole round, so per-prompt statistics and groups may span processes. Then, for each of
 ``ddpo_inner_epochs`` passes, the process's trajectories are shuffled (in the order of one permutation of the
-whole round, drawn alike on every process) and split into ``ddpo_minibatches`` minibatches; each minibatch makes one optimizer step whose gradient is accumulated over its rows (in micro-batches
-of ``batch_size``) and over the trained positions of the schedule (a ``ddpo_timestep_fraction`` of them, drawn per
-minibatch). Each (micro-batch, position) pair is one forward and one backward of the DDP-wrapped model, all but the
-last of a minibatch under ``no_sync``. The loss of a transition with log-probability ratio ``r`` to the sampling
-policy and clipped advantage ``A`` is ``max(-A r, -A clip(r, 1 - eps, 1 + eps))`` (plus a KL term for GRPO),
-averaged over the minibatch's rows and positions.
+whole round, drawn alike on every process) and split into ``ddpo_minibatches`` minibatches; each minibatch makes
+one optimizer step whose gradient is accumulated over its rows (in micro-batches of ``batch_size``) and over the
+trained positions of the schedule (a ``ddpo_timestep_fraction`` of them, drawn per minibatch), as ddpo-pytorch
+accumulates over its train batches and timesteps. Each (micro-batch, position) pair is one forward and one
+backward of the DDP-wrapped model, all but the last of a minibatch under ``no_sync``. The loss of a transition
+with log-probability ratio ``r`` to the sampling policy and clipped advantage ``A`` is
+``max(-A r, -A clip(r, 1 - eps, 1 + eps))`` (plus a KL term for GRPO), averaged over the minibatch's rows and
+positions.
 """
 
 from __future__ import annotations
