@@ -211,6 +211,11 @@ class PolicyGradient(ABC):
         (mean loss, fraction of clipped ratios, approximate KL to the sampling policy, last gradient norm)."""
         trainer, config = self.trainer, self.trainer.config
         positions = self.positions()
+        if not positions:
+            raise ValueError(
+                f"no step of this {len(trainer.sampler.timesteps)}-step schedule is stochastic, so {self.name} has no "
+                f"log-probability to train: raise --num-inference-steps"
+            )
         trained = max(1, int(len(positions) * config.ddpo_timestep_fraction))
         rows = len(data.prompts)
         size = rows // config.ddpo_minibatches

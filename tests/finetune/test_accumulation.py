@@ -25,7 +25,10 @@ def one_step(model_dir, config):
 
 @pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m != "grpo"])  # grpo: flow families only
 def test_two_micro_batches_equal_one_double_batch(tiny_model_dir, tiny_config, method):
-    config = tiny_config.replace(method=method, k=2, num_inference_steps=3, lr=1e-3, max_grad_norm=1e6)
+    # ddpo: one PPO minibatch, so that the step is one optimizer step (whose gradient is compared).
+    config = tiny_config.replace(
+        method=method, k=2, num_inference_steps=3, lr=1e-3, max_grad_norm=1e6, ddpo_minibatches=1
+    )
     whole_grads, whole_params, whole = one_step(tiny_model_dir, config.replace(batch_size=4, grad_accum=1))
     split_grads, split_params, split = one_step(tiny_model_dir, config.replace(batch_size=2, grad_accum=2))
     assert whole_grads.keys() == split_grads.keys() and whole_grads
