@@ -37,8 +37,11 @@ def test_two_micro_batches_equal_one_double_batch(tiny_model_dir, tiny_config, m
     for name in whole_grads:
         # Within float rounding: 1e-4 relative, or 1e-4 of the largest gradient entry for entries near zero.
         torch.testing.assert_close(split_grads[name], whole_grads[name], rtol=1e-4, atol=1e-4 * scale, msg=name)
-        # AdamW's first step moves each weight by about lr * sign(gradient): only float rounding differs.
-        torch.testing.assert_close(split_params[name], whole_params[name], rtol=0, atol=1e-5, msg=name)
+        # AdamW's first step moves each weight by about lr * sign(gradient): only float rounding differs. (Not for
+        # ddpo: its log-probabilities divide by the small DDIM variances, so float rounding in entries whose gradient
+        # is near zero can flip that sign; its gradients, compared above, are the accumulation claim.)
+        if method != "ddpo":
+            torch.testing.assert_close(split_params[name], whole_params[name], rtol=0, atol=1e-5, msg=name)
     for key in ("reward", "reward/contrast", "reward/saturation", "loss", "grad_norm"):
         assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-7), key
     assert split["images_seen"] == whole["images_seen"] == 4
