@@ -23,9 +23,12 @@ def one_step(model_dir, config):
     return grads, params, metrics
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m != "grpo"])  # grpo: flow families only
 def test_two_micro_batches_equal_one_double_batch(tiny_model_dir, tiny_config, method):
-    config = tiny_config.replace(method=method, k=2, num_inference_steps=3, lr=1e-3, max_grad_norm=1e6)
+    # ddpo: one PPO minibatch, so that the step is one optimizer step (whose gradient is compared).
+    config = tiny_config.replace(
+        method=method, k=2, num_inference_steps=3, lr=1e-3, max_grad_norm=1e6, ddpo_minibatches=1
+    )
     whole_grads, whole_params, whole = one_step(tiny_model_dir, config.replace(batch_size=4, grad_accum=1))
     split_grads, split_params, split = one_step(tiny_model_dir, config.replace(batch_size=2, grad_accum=2))
     assert whole_grads.keys() == split_grads.keys() and whole_grads
@@ -34,8 +37,11 @@ def test_two_micro_batches_equal_one_double_batch(tiny_model_dir, tiny_config, m
     for name in whole_grads:
         # Within float rounding: 1e-4 relative, or 1e-4 of the largest gradient entry for entries near zero.
         torch.testing.assert_close(split_grads[name], whole_grads[name], rtol=1e-4, atol=1e-4 * scale, msg=name)
-        # AdamW's first step moves each weight by about lr * sign(gradient): only float rounding differs.
-        torch.testing.assert_close(split_params[name], whole_params[name], rtol=0, atol=1e-5, msg=name)
+        # AdamW's first step moves each weight by about lr * sign(gradient): only float rounding differs. (Not for
+        # ddpo: its log-probabilities divide by the small DDIM variances, so float rounding in entries whose gradient
+        # is near zero can flip that sign; its gradients, compared above, are the accumulation claim.)
+        if method != "ddpo":
+            torch.testing.assert_close(split_params[name], whole_params[name], rtol=0, atol=1e-5, msg=name)
     for key in ("reward", "reward/contrast", "reward/saturation", "loss", "grad_norm"):
         assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-7), key
     assert split["images_seen"] == whole["images_seen"] == 4
