@@ -16,7 +16,6 @@ from rewards import get_reward
 from tests.browser import assert_renders
 from tests.finetune.test_speed import trainer_for
 
-
 EVAL_PROMPTS = ["a red fox in a snowy field", "a stone bridge over a mountain river"]
 """Two held-out prompts x two seeds keep each evaluation to four images."""
 
