@@ -65,6 +65,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "resume": dict(action="store_true", default=None, help="continue from the last checkpoint in --output-dir"),
     "overwrite": dict(action="store_true", default=None, help="replace an earlier run's outputs in --output-dir"),
     "device": dict(help="default: cuda if available, else cpu"),
+    "eval_seeds": dict(type=int, nargs="+", metavar="SEED", help="held-out evaluation noise seeds (2+: diversity)"),
     "eval_rewards": dict(
         nargs="+",
         metavar="REWARD",

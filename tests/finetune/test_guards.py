@@ -4,8 +4,10 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from finetune.__main__ import build_parser, main
 from finetune.config import TrainConfig
 from finetune.diversity import PIXELS, diversity, feature_space
 from finetune.guards import EarlyStopping, EarlyStopSpec, build_judges, default_eval_rewards
@@ -240,3 +242,36 @@ def test_guard_settings_are_checked():
         TrainConfig(anchor_weight=-1)
     with pytest.raises(ValueError, match="--early-stop"):
         TrainConfig(early_stop="judge")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_cli_guards(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--model", str(tiny_model_dir), "--reward", "contrast", "--resolution", "64"]
+    args += ["--num-inference-steps", "3", "--batch-size", "2", "--steps", "1", "--output-dir", str(out)]
+    guards = ["--eval-rewards", "brightness", "--eval-seeds", "0", "1", "--anchor-weight", "0.1"]
+    code = main([*args, *guards, "--early-stop", "judge=brightness,patience=1"])
+    assert code == 0, capsys.readouterr().err
+    saved = yaml.safe_load((out / "training_config.yaml").read_text())
+    assert saved["eval_rewards"] == ["brightness"] and saved["eval_seeds"] == [0, 1] and saved["anchor_weight"] == 0.1
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "judge/brightness" in lines[0] and "diversity" in lines[0] and lines[1]["anchor"] == 0.0
+    assert lines[-1]["early_stop_metric"] == "judge/brightness" and (out / "report.html").exists()
+    assert "the final LoRA is the best one" in capsys.readouterr().out
+
+    code = main([*args, "--output-dir", str(tmp_path / "x"), "--early-stop", "judge=pickscore"])
+    assert code == 2 and "not one of this run's eval rewards" in capsys.readouterr().err
+    code = main([*args, "--output-dir", str(tmp_path / "x"), "--eval-rewards", "aesthetik"])
+    assert code == 2 and "unknown reward 'aesthetik'" in capsys.readouterr().err
+
+
+def test_cli_default_judges(tiny_model_dir):
+    from finetune.__main__ import build_cli_judges, config_from_args
+
+    world = config_from_args(build_parser().parse_args(["train", "--model", "world"]))
+    assert list(build_cli_judges(world)) == ["shapes-match"]
+    real = TrainConfig(model=str(tiny_model_dir), reward="aesthetic")
+    with pytest.warns(UserWarning) as caught:  # offline, empty caches: no preference reward's weights are here
+        assert build_cli_judges(real) == {}
+    skipped = sorted(str(w.message).split("'")[1] for w in caught if "skipped: unavailable" in str(w.message))
+    assert skipped == ["hpsv2.1", "imagereward", "pickscore"]
