@@ -7,6 +7,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import finetune.pipelines
 from finetune.__main__ import build_parser, main
 from finetune.config import TrainConfig
 from finetune.diversity import PIXELS, diversity, feature_space
@@ -245,7 +246,8 @@ def test_guard_settings_are_checked():
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def test_cli_guards(tiny_model_dir, tmp_path, capsys):
+def test_cli_guards(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The guard flags reach the run; judge names and the early-stop metric are checked before loading."""
     out = tmp_path / "cli"
     args = ["train", "--model", str(tiny_model_dir), "--reward", "contrast", "--resolution", "64"]
     args += ["--num-inference-steps", "3", "--batch-size", "2", "--steps", "1", "--output-dir", str(out)]
@@ -259,9 +261,14 @@ def test_cli_guards(tiny_model_dir, tmp_path, capsys):
     assert lines[-1]["early_stop_metric"] == "judge/brightness" and (out / "report.html").exists()
     assert "the final LoRA is the best one" in capsys.readouterr().out
 
-    code = main([*args, "--output-dir", str(tmp_path / "x"), "--early-stop", "judge=pickscore"])
+    def trap(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the arguments were checked")
+
+    monkeypatch.setattr(finetune.pipelines, "load_pipeline", trap)
+    args[args.index(str(out))] = str(tmp_path / "x")
+    code = main([*args, "--eval-rewards", "brightness", "--early-stop", "judge=pickscore"])
     assert code == 2 and "not one of this run's eval rewards" in capsys.readouterr().err
-    code = main([*args, "--output-dir", str(tmp_path / "x"), "--eval-rewards", "aesthetik"])
+    code = main([*args, "--eval-rewards", "aesthetik"])
     assert code == 2 and "unknown reward 'aesthetik'" in capsys.readouterr().err
 
 
