@@ -84,6 +84,20 @@ FLAGS: dict[str, dict[str, Any]] = {
     "resume": dict(action="store_true", default=None, help="continue from the last checkpoint in --output-dir"),
     "overwrite": dict(action="store_true", default=None, help="replace an earlier run's outputs in --output-dir"),
     "device": dict(help="default: cuda if available, else cpu"),
+    "eval_seeds": dict(type=int, nargs="+", metavar="SEED", help="held-out evaluation noise seeds (2+: diversity)"),
+    "eval_rewards": dict(
+        nargs="+",
+        metavar="REWARD",
+        help="judges scored at every evaluation, never trained on: reward names or mixes, or 'none' (default: the "
+        "zoo's preference rewards whose weights are available; in the world, prompt agreement)",
+    ),
+    "diversity_warn": dict(type=float, help="warn when held-out diversity falls below this fraction of the base's"),
+    "early_stop": dict(
+        metavar="judge=NAME,patience=N,drop=X",
+        help="stop when NAME (a judge, 'reward' or 'diversity') has been more than X below its best for N "
+        "evaluations; the final LoRA is the best one",
+    ),
+    "anchor_weight": dict(type=float, help="penalty on the distance from the base model's predictions (0: off)"),
 }
 
 
@@ -224,6 +238,13 @@ def check_arguments(config: TrainConfig) -> None:
 
         require_checkpoint(output_dir / "checkpoints")
     check_reward_arguments(config)
+    if config.eval_rewards:
+        from finetune.guards import NO_JUDGES, EarlyStopSpec, check_eval_rewards
+
+        judges = [] if tuple(config.eval_rewards) == NO_JUDGES else list(config.eval_rewards)
+        check_eval_rewards(judges)
+        if config.early_stop:
+            EarlyStopSpec.parse(config.early_stop).check_available(judges)
 
 
 def check_reward_arguments(config: TrainConfig) -> None:
@@ -246,8 +267,22 @@ def check_reward_arguments(config: TrainConfig) -> None:
             raise ValueError(f"reward '{entry.name}' has no option {', '.join(unknown)} (its options: {takes})")
 
 
+def build_cli_judges(config: TrainConfig) -> dict[str, Any]:
+    """The run's judges: those given (an unavailable one is an error), or the defaults (an unavailable one is
+    skipped with a warning)."""
+    from finetune.guards import build_judges, default_eval_rewards
+    from finetune.world import SHIPPED_PIPELINE
+
+    pretrained = not config.reward_random_weights
+    if config.eval_rewards is not None:
+        return build_judges(config.eval_rewards, pretrained)
+    world = Path(config.model or "").resolve() == SHIPPED_PIPELINE.resolve()
+    return build_judges(default_eval_rewards(config.reward, world), pretrained, skip_unavailable=True)
+
+
 def train(config: TrainConfig) -> None:
     check_arguments(config)
+    from finetune.guards import NO_JUDGES
     from finetune.pipelines import load_pipeline
     from finetune.trainer import Trainer
     from rewards.cli import build_reward_from_spec
@@ -259,8 +294,10 @@ def train(config: TrainConfig) -> None:
         pretrained=not config.reward_random_weights,
         normalize=config.reward_normalize,
     )
+    judges = build_cli_judges(config)
+    config = config.replace(eval_rewards=tuple(judges) or NO_JUDGES)  # training_config.yaml names those used
     pipeline = load_pipeline(config.model)
-    history = Trainer(pipeline, reward, config).train()
+    history = Trainer(pipeline, reward, config, judges=judges).train()
     if history:
         print(f"done: step {history[-1]['step']}, reward {history[-1]['reward']:.4g}; LoRA in {config.output_dir}")
 

@@ -143,6 +143,22 @@ class TrainConfig:
     """Replace an earlier run's outputs in ``output_dir`` (a non-empty directory is refused otherwise)."""
     device: str | None = None
 
+    # Over-optimisation guards (finetune.guards, finetune.diversity).
+    eval_rewards: tuple[str, ...] | None = None
+    """Judges: reward names or mixes scored on the held-out prompts at every evaluation, never trained on.
+    ``None``: on the command line, the defaults of :func:`finetune.guards.default_eval_rewards`; in Python, none
+    (or pass ``judges`` to the trainer)."""
+    diversity_warn: float = 0.5
+    """Warn when the held-out diversity falls below this fraction of the base model's (step 0); 0: never."""
+    early_stop: str | None = None
+    """``judge=NAME,patience=N,drop=X``: stop when metric NAME (a judge, ``reward`` or ``diversity``) has been more
+    than X below its best for N evaluations in a row; the final LoRA is the best one."""
+    anchor_weight: float = 0.0
+    """Weight of the anchor penalty: mean squared difference between the LoRA model's and the base model's
+    predictions at the sampled grad steps (one extra no-grad denoiser call per grad step). Together with
+    ``weight_decay`` (AdamW's decoupled decay, which acts on the LoRA factors only and so pulls the model toward the
+    base model), it keeps the fine-tuned model near the base model."""
+
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes kept in training_config.yaml (e.g. the command line)."""
 
@@ -178,6 +194,14 @@ class TrainConfig:
             raise ValueError("offload_text_encoders keeps frozen encoders off the GPU; it cannot train one")
         if self.grad_chunk_size is not None and self.grad_chunk_size < 1:
             raise ValueError(f"grad_chunk_size must be at least 1 (or None: whole batch); got {self.grad_chunk_size}")
+        if not 0.0 <= self.diversity_warn < 1.0:
+            raise ValueError(f"diversity_warn must be a fraction in [0, 1); got {self.diversity_warn}")
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be at least 0; got {self.anchor_weight}")
+        if self.early_stop is not None:
+            from finetune.guards import EarlyStopSpec
+
+            EarlyStopSpec.parse(self.early_stop)
         for name in ("steps", "batch_size", "grad_accum", "lora_rank", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")

@@ -4,7 +4,7 @@
 2. train one LoRA per reward with DRaFT-K (bigger shapes from the learned classifier; a brighter background
    from the weight-free ``brightness`` reward), export each in diffusers and kohya formats;
 3. mix the two LoRAs with ``compose`` at a grid of weights (0, negative and >1 included) and sample each mix;
-4. write grids, a reward curve, ``metrics.jsonl`` and ``report.md``.
+4. write grids, a reward curve, ``metrics.jsonl``, ``report.md`` and a self-contained ``report.html``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from compose.files import atomic_write
 from compose.fuse import add_to_pipeline
 from finetune.checkpoint import atomic_write_text
 from finetune.config import TrainConfig
+from finetune.diversity import diversity, feature_space
 from finetune.outputs import claim_output_dir
 from finetune.tracking import labelled_grid, save_grid
 from finetune.trainer import Trainer
@@ -106,6 +107,7 @@ ARTEFACTS = (
     "metrics.jsonl",
     "summary.json",
     "report.md",
+    "report.html",
 )
 """Everything a demo run writes in its output directory (what ``--overwrite`` replaces)."""
 
@@ -119,8 +121,13 @@ class Demo:
         self.train_prompts, self.held_out = split_prompts()
         self.rewards = {o.name: get_reward(o.reward, **o.options) for o in OBJECTIVES}
         self.classifier = get_reward("shapes", objective="prompt").classifier
+        self.judge = get_reward("shapes-match")
+        """Prompt agreement at every training evaluation (a judge: scored, never trained on)."""
+        self.space = feature_space([self.judge])
         self.stage = 0
         self.skipped: list[str] = []
+        self.images: dict[str, torch.Tensor] = {}
+        """Each measured model's held-out images, by grid label (for ``report.html``)."""
 
     def announce(self, text: str) -> None:
         """One line per stage, so a run shows where it is before its progress bars."""
@@ -149,19 +156,26 @@ class Demo:
             pipeline, self.classifier, prompts, config.eval_seeds, config.num_inference_steps, config.guidance_scale
         )
         if label is not None:
+            self.images[label] = images
             path = self.out / f"grid_{label}.png"
             seeds = len(config.eval_seeds)
             self.cosmetic(path.name, lambda: save_grid(images, path, seeds, prompts, cell=4 * images.shape[-1]))
         image_prompts = [p for p in prompts for _ in config.eval_seeds]
         scores = {name: reward(images, image_prompts).mean().item() for name, reward in self.rewards.items()}
-        return {**scores, "agreement": following["agreement"]}, images
+        scores["agreement"] = following["agreement"]
+        if len(config.eval_seeds) > 1:
+            scores["diversity"] = diversity(images, len(config.eval_seeds), self.space).mean().item()
+        return scores, images
 
     def train_lora(self, objective: Objective) -> tuple[list[dict], dict[str, float]]:
         """Train one LoRA and export it in diffusers and kohya formats; return its metrics (step 0 = evaluation
         only) and the fine-tuned model's scores."""
         pipeline = load_world_pipeline(self.config.pipeline)
         config = self.config.train_config(objective)
-        Trainer(pipeline, self.rewards[objective.name], config, self.train_prompts, self.held_out).train()
+        judges = {"shapes-match": self.judge}
+        Trainer(
+            pipeline, self.rewards[objective.name], config, self.train_prompts, self.held_out, judges=judges
+        ).train()
         run_dir = Path(config.output_dir)
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         save_lora(load_lora(run_dir), run_dir / f"{objective.name}_kohya.safetensors", format="kohya")
@@ -220,6 +234,7 @@ class Demo:
         summary["seconds"] = time.perf_counter() - start
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write_text(self.out / "report.md", report(summary, config))
+        self.cosmetic("report.html", lambda: write_html_report(summary, config, self.images, self.out))
         return summary
 
 
@@ -263,14 +278,17 @@ def report(summary: dict[str, Any], config: DemoConfig) -> str:
         f"(never used in fine-tuning). Total time {summary['seconds']:.0f} s.",
         "",
         "Rewards: " + "; ".join(f"`{o.name}` = {o.description}" for o in OBJECTIVES) + ". Prompt agreement: share "
-        "of images whose count, colour and kind the shapes classifier reads as the prompt says.",
+        "of images whose count, colour and kind the shapes classifier reads as the prompt says. Diversity: per "
+        "prompt, the mean cosine distance between the classifier's features of different seeds' images (0: every "
+        "seed draws the same picture).",
         "",
-        f"| model | {' | '.join(names)} | prompt agreement |",
-        "|---|" + "---|" * (len(names) + 1),
+        f"| model | {' | '.join(names)} | prompt agreement | diversity |",
+        "|---|" + "---|" * (len(names) + 2),
     ]
     for label, scores in rows:
         values = " | ".join(f"{scores[n]:.3f}" for n in names)
-        lines.append(f"| {label} | {values} | {scores['agreement']:.1%} |")
+        spread = f"{scores['diversity']:.3f}" if "diversity" in scores else "-"
+        lines.append(f"| {label} | {values} | {scores['agreement']:.1%} | {spread} |")
     lines += ["", "## Changes against the base model", ""]
     for name in names:
         after = summary[name]
@@ -312,3 +330,41 @@ def report(summary: dict[str, Any], config: DemoConfig) -> str:
     if summary["skipped"]:
         lines += [f"Not written (see the run's warnings): {', '.join(summary['skipped'])}.", ""]
     return "\n".join(lines)
+
+
+def write_html_report(summary: dict[str, Any], config: DemoConfig, images: dict[str, torch.Tensor], out: Path) -> Path:
+    """Write ``out/report.html``: the numbers of ``report.md``, every held-out prompt's images from each model with the
+    prompt under its row, the curves and the mixing grid (embedded), the configuration and the time taken."""
+    from PIL import Image
+
+    from finetune.report_html import HtmlReport, seed_strips
+
+    names = [o.name for o in OBJECTIVES]
+    page = HtmlReport("DRaFT demo in the embedded shapes world")
+    page.paragraph(
+        f"Method {config.method} (K={config.k}), {config.steps} steps of batch {config.batch_size}; evaluated on "
+        f"{len(summary['held_out_prompts'])} held-out prompts x {len(config.eval_seeds)} seeds. Total time "
+        f"{summary['seconds']:.0f} s."
+    )
+    rows = [("base model", summary["base"]), *((f"LoRA '{n}'", summary[n]) for n in names)]
+    rows.append(("mix 1 x A + 1 x B", summary["mixing"]["mixed_1_1"]))
+    page.table(
+        ["model", *names, "prompt agreement", "diversity"],
+        [[label, *(s[n] for n in names), f"{s['agreement']:.1%}", s.get("diversity")] for label, s in rows],
+    )
+    labels = [label for label in ("base", *names, "mixed") if label in images]
+    if labels:
+        page.heading("Held-out prompts: each model, one column per seed")
+        seeds = len(config.eval_seeds)
+        strips = {label: seed_strips(images[label], seeds) for label in labels}
+        width = 48 * seeds
+        for i, prompt in enumerate(summary["held_out_prompts"]):
+            page.image_row([(label, strips[label][i]) for label in labels], prompt, width)
+    for name, caption in (("reward_curve.png", "training curves"), ("mixing_grid.png", "mixing grid")):
+        if (out / name).exists():
+            with Image.open(out / name) as image:
+                page.heading(caption.capitalize())
+                page.image(image.convert("RGB"), caption)
+    page.heading("Configuration")
+    page.table(["setting", "value"], list(summary["config"].items()))
+    return page.write(out / "report.html")

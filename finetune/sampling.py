@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from finetune.families import Conditioning, Family
 from finetune.timing import PhaseTimer
+
+if TYPE_CHECKING:
+    from finetune.guards import Anchor
 
 
 def batch_slices(total: int, size: int | None) -> list[slice]:
@@ -49,6 +52,8 @@ class Sampler:
     offload_text_encoders: bool = False
     """Keep the text encoders on the CPU between encodings: each :meth:`encode` moves them to the denoiser's
     device and back (GPU memory for SD3's and FLUX's T5-XXL, 9.5 GB in bf16, is then free during sampling)."""
+    anchor: Anchor | None = None
+    """Records each grad step's distance from the base model's prediction (``--anchor-weight``)."""
 
     def __post_init__(self) -> None:
         self.solver = self.family.solver(self.num_inference_steps, self.resolution, self.eta)
@@ -103,7 +108,10 @@ class Sampler:
         self, latents: torch.Tensor, index: int, conditioning: Conditioning, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One solver step from schedule position ``index``; returns ``(next sample, predicted x0)``."""
-        output = self.model_output(latents, self.timesteps[index], conditioning)
+        t = self.timesteps[index]
+        output = self.model_output(latents, t, conditioning)
+        if self.anchor is not None and torch.is_grad_enabled():
+            self.anchor.record(output, latents, t, conditioning)
         return self.solver.step(output, index, latents, generator)
 
     def denoise(

@@ -4,11 +4,12 @@ decode -> reward -> loss -> LoRA update -> metrics, grids, checkpoints."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from finetune import distributed
 from finetune.checkpoint import latest_checkpoint, load_checkpoint, require_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
+from finetune.guards import Anchor, EvaluationGuards, build_judges
 from finetune.interrupt import StopOnSignal, TrainingInterrupted
 from finetune.lora import LORA_WEIGHTS_NAME, save_lora_weights
 from finetune.methods import METHODS, BatchRandom, Generated, MethodSettings
@@ -34,7 +36,15 @@ from finetune.timing import PhaseTimer
 from finetune.tracking import MetricsLog, save_grid
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-RUN_ARTEFACTS = ("metrics.jsonl", "tensorboard", "samples", "checkpoints", "training_config.yaml", LORA_WEIGHTS_NAME)
+RUN_ARTEFACTS = (
+    "metrics.jsonl",
+    "tensorboard",
+    "samples",
+    "checkpoints",
+    "training_config.yaml",
+    LORA_WEIGHTS_NAME,
+    "report.html",
+)
 """What a run writes in its output directory (what ``overwrite`` replaces)."""
 Callback = Callable[["Trainer", dict[str, Any]], None]
 
@@ -49,7 +59,9 @@ class Trainer:
 
     ``Trainer(pipeline, reward, config).train()``. The pipeline is modified in place (LoRA adapters are added), so
     after training ``pipeline(prompt)`` samples from the fine-tuned model. ``callbacks`` are called after every
-    step with ``(trainer, metrics)``; set ``trainer.should_stop = True`` in one to end training early.
+    step with ``(trainer, metrics)``; set ``trainer.should_stop = True`` in one to end training early. ``judges``
+    (name -> reward) are scored at every evaluation and never trained on; by default they are built from
+    ``config.eval_rewards`` (:mod:`finetune.guards`).
     """
 
     def __init__(
@@ -60,6 +72,7 @@ class Trainer:
         prompts: Sequence[str] | None = None,
         eval_prompts: Sequence[str] | None = None,
         callbacks: Sequence[Callback] = (),
+        judges: Mapping[str, Callable[[torch.Tensor, list[str]], torch.Tensor]] | None = None,
     ) -> None:
         self.family = check_pipeline(pipeline)
         config = config.with_defaults(self.family.defaults)
@@ -68,6 +81,9 @@ class Trainer:
         self.pipeline = pipeline
         self.reward = reward
         self.callbacks = list(callbacks)
+        if judges is None:
+            judges = build_judges(config.eval_rewards or (), pretrained=not config.reward_random_weights)
+        self.judges = dict(judges)
         self.should_stop = False
         self.prompts = list(prompts) if prompts is not None else load_prompts(config.prompts)
         self.eval_prompts = list(eval_prompts) if eval_prompts is not None else load_prompts(config.eval_prompts)
@@ -113,8 +129,16 @@ class Trainer:
         set_attention(self.family, config.attention)
         if config.channels_last:
             set_channels_last(self.family)
-        if isinstance(self.reward, torch.nn.Module):
-            self.reward.to(self.device)
+        for scorer in (self.reward, *self.judges.values()):
+            if isinstance(scorer, torch.nn.Module):
+                scorer.to(self.device)
+        self.guards = EvaluationGuards(self.judges, self.reward, config.diversity_warn, config.early_stop, self.device)
+        self.early_stopped = False
+        self.kept_note: str | None = None
+        """What early stopping kept, as the run reports it."""
+        self.evaluations: dict[str, tuple[int, torch.Tensor]] = {}
+        """The first and last evaluations' (step, images) in this process, for the run report."""
+        self.eval_seconds = 0.0
         modules = {self.family.denoiser_name: self.family.denoiser}
         if config.train_text_encoder:
             modules["text_encoder"] = pipeline.text_encoder
@@ -144,6 +168,12 @@ class Trainer:
             timer=self.timer,
             offload_text_encoders=config.offload_text_encoders,
         )
+        if config.anchor_weight > 0:
+            family, sampler = self.family, self.sampler
+            sampler.anchor = Anchor(
+                [family.denoiser], lambda *inputs: family.guided(family.denoiser, *inputs, sampler.guidance_scale)
+            )
+        self._anchor_penalties: list[float] = []
         self.method = METHODS.get(config.method)
         self.settings = MethodSettings(config.k, config.lv_n, tuple(config.refl_range))
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -235,6 +265,12 @@ class Trainer:
                 members.setdefault(key, []).append(distributed.gather(value.float()))
             self.reward_queries += len(scores) * self.world
         self.images_seen += batch * self.world * config.grad_accum
+        anchor = None
+        if self._anchor_penalties:
+            anchor = sum(self._anchor_penalties) / len(self._anchor_penalties)
+            self._anchor_penalties = []
+            loss_value += config.anchor_weight * anchor
+            anchor = distributed.gather(torch.tensor([anchor], device=self.device)).mean().item()
         loss_value = distributed.gather(torch.tensor([loss_value], device=self.device)).mean().item()
         grad_norm = self._optimizer_step(loss_value)
         self.step += 1
@@ -254,6 +290,8 @@ class Trainer:
         }
         for key, values in members.items():
             metrics[f"reward/{key}"] = torch.cat(values).mean().item()
+        if anchor is not None:
+            metrics["anchor"] = anchor
         return metrics
 
     def _optimizer_step(self, loss_value: float) -> float:
@@ -301,6 +339,7 @@ class Trainer:
         if not latents.requires_grad:
             raise RuntimeError(f"the {self.config.method} sampling graph reaches no trainable parameter")
         image_prompts = [prompts[i] for i in generated.prompt_index.tolist()]
+        anchor_weight = weight * self.config.anchor_weight
         weight = weight / len(latents)
         gradients, scores, members = [], [], {}
         for rows in batch_slices(len(latents), self.config.grad_chunk_size):
@@ -317,8 +356,15 @@ class Trainer:
             scores.append(chunk_scores.detach().float())
             for key, value in getattr(self.reward, "last_scores", {}).items():
                 members.setdefault(key, []).append(value)
+        penalty = self.sampler.anchor.pop() if self.sampler.anchor is not None else None
         with self.timer.phase("grad steps backward"):
-            latents.backward(torch.cat(gradients))
+            if penalty is None:
+                latents.backward(torch.cat(gradients))
+            else:  # the anchor penalty's gradient joins the reward's in the one backward through the grad steps
+                self._anchor_penalties.append(penalty.item())
+                torch.autograd.backward(
+                    [latents, self.scaler.scale(penalty * anchor_weight)], [torch.cat(gradients), None]
+                )
         return torch.cat(scores), {key: torch.cat(values) for key, values in members.items()}
 
     def _sample(self, prompts: list[str], noise: torch.Tensor, rng: BatchRandom) -> Generated:
@@ -351,49 +397,64 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> dict[str, Any]:
-        """Mean reward on held-out prompts and fixed seeds; returns ``{"eval_reward": ..., "images": ...}``.
+        """Mean reward on held-out prompts and fixed seeds; returns ``{"eval_reward": ..., "images": ...}``,
+        with each judge's mean (``judge/NAME``) and the diversity across seeds (:mod:`finetune.diversity`).
 
         With several processes each renders and scores every ``world``-th image; the results are gathered (on
         every rank), so the metrics and images are one process's."""
         prompts = list(prompts if prompts is not None else self.eval_prompts)
         seeds = list(seeds if seeds is not None else self.config.eval_seeds)
         images, scores = self._sharded(prompts, seeds, score=True)
-        return {"eval_reward": scores.mean().item(), "eval_reward_std": scores.std().item(), "images": images}
+        reward = scores.pop("eval_reward")
+        result = {"eval_reward": reward.mean().item(), "eval_reward_std": reward.std().item()}
+        return {**result, **self.guards.metrics(images, len(seeds), scores), "images": images}
 
     @torch.no_grad()
     def _sharded(
         self, prompts: Sequence[str], seeds: Sequence[int], score: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the images (and their scores), gathered from every rank in one process's order."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's share of the images (and, with ``score``, the training reward's scores as ``eval_reward``
+        and each judge's by name), gathered from every rank in one process's order."""
         shard = (self.rank, self.world)
         total = len(prompts) * len(seeds)
-        images, scores = None, None
+        scorers = {"eval_reward": self.reward, **self.judges} if score else {}
+        images, scores = None, {}
         if self.rank < total:
             images = generate(self.sampler, prompts, seeds, self.config.batch_size, self.device, self.autocast, shard)
-        if images is not None and score:
+        if images is not None and scorers:
             image_prompts = [p for p in prompts for _ in seeds][self.rank :: self.world]
-            parts = []
+            parts: dict[str, list[torch.Tensor]] = {key: [] for key in scorers}
             for rows in batch_slices(len(images), self.config.batch_size):
+                batch = images[rows].to(self.device)
                 with self.autocast():
-                    parts.append(self.reward(images[rows].to(self.device), image_prompts[rows]).float().cpu())
-            scores = torch.cat(parts)
+                    for key, scorer in scorers.items():
+                        parts[key].append(scorer(batch, image_prompts[rows]).float().cpu())
+            scores = {key: torch.cat(values) for key, values in parts.items()}
         shares = distributed.gather_objects((images, scores))
         gathered_images = torch.empty((total, *shares[0][0].shape[1:]), dtype=shares[0][0].dtype)
-        gathered_scores = torch.empty(total)
+        gathered_scores = {key: torch.empty(total) for key in scorers}
         for rank, (part_images, part_scores) in enumerate(shares):
             if part_images is not None:
                 gathered_images[rank :: self.world] = part_images
-            if part_scores is not None:
-                gathered_scores[rank :: self.world] = part_scores
+            for key, values in part_scores.items():
+                gathered_scores[key][rank :: self.world] = values
         return gathered_images, gathered_scores
 
     def _evaluate_and_save(self) -> dict[str, Any]:
-        """Evaluate (every rank, sharded); rank 0 writes the grid."""
+        """Evaluate (every rank, sharded); rank 0 writes the grid. The guards see the result (diversity warning,
+        early stopping: every rank decides alike, on the gathered metrics)."""
+        start = time.perf_counter()
         result = self.evaluate()
+        images = result.pop("images")
         if self.rank == 0:
             path = self.output_dir / "samples" / f"step_{self.step:06d}.png"
-            save_grid(result["images"], path, len(self.config.eval_seeds), self.eval_prompts)
-        return {k: v for k, v in result.items() if k != "images"}
+            save_grid(images, path, len(self.config.eval_seeds), self.eval_prompts)
+        self.evaluations.setdefault("first", (self.step, images))
+        self.evaluations["last"] = (self.step, images)
+        if self.guards.observe(self.step, result, self.named_params):
+            self.should_stop = self.early_stopped = True
+        self.eval_seconds += time.perf_counter() - start
+        return result
 
     # -------------------------------------------------------------------------------------- checkpointing
     def save_checkpoint(self) -> Path:
@@ -449,6 +510,7 @@ class Trainer:
         :class:`~finetune.interrupt.TrainingInterrupted` (see ``finetune.interrupt``)."""
         config = self.config
         main = self.rank == 0
+        started = time.perf_counter()
         if main:
             claim_output_dir(self.output_dir, RUN_ARTEFACTS, config.resume, config.overwrite)
         if config.resume:
@@ -490,13 +552,65 @@ class Trainer:
                         saved_step = self.step
                 if interrupted:
                     self._stop_on_signal(stop.received or signal.SIGTERM, saved_step)
+                self._keep_best(log)
             finally:
                 bar.close()
                 if log is not None:
                     log.close()
         if main:
             self.save_lora()
+            self._write_report(time.perf_counter() - started)
         return history
+
+    def _keep_best(self, log: MetricsLog | None) -> None:
+        """With early stopping: make the best LoRA by the followed metric the final one, and say so."""
+        early = self.guards.early_stopping
+        if early is None or early.best_step is None:
+            return
+        if early.best_step != self.step:
+            early.restore(self.named_params)
+        summary = {**early.summary(self.step), "early_stopped": self.early_stopped}
+        how = "stopped early at" if self.early_stopped else "ran to"
+        message = (
+            f"early stopping on {summary['early_stop_metric']}: {how} step {self.step}; the final LoRA is the best "
+            f"one, from step {early.best_step} ({summary['early_stop_metric']} = {early.best:.4g})"
+        )
+        self.kept_note = message
+        if log is not None:
+            log.log(summary)
+            print(message, flush=True)
+
+    def _write_report(self, seconds: float) -> None:
+        """``report.html``: a failure is a warning, never the end of a finished run."""
+        from finetune.report_html import training_report
+
+        try:
+            lines = (self.output_dir / "metrics.jsonl").read_text().splitlines()
+            history = [json.loads(line) for line in lines if line]
+            steps = [r["sec_per_step"] for r in history if "sec_per_step" in r]
+            timings = {
+                "this session (wall)": seconds,
+                "mean training step": sum(steps) / len(steps) if steps else float("nan"),
+                "evaluations (this session)": self.eval_seconds,
+            }
+            notes = [self.kept_note] if self.kept_note else []
+            if self.guards.base_diversity is not None:
+                notes.append(f"Diversity is measured in {self.guards.space.name}.")
+            first, last = self.evaluations.get("first"), self.evaluations.get("last")
+            report = training_report(
+                f"{self.output_dir.name}: {self.config.method} on {getattr(self.reward, 'name', self.config.reward)}",
+                history,
+                self.eval_prompts,
+                len(self.config.eval_seeds),
+                first if first is not None and first[0] == 0 else None,
+                last,
+                self.config.to_dict(),
+                notes,
+                timings,
+            )
+            report.write(self.output_dir / "report.html")
+        except Exception as err:  # the LoRA and metrics are the results; a page must never throw them away
+            warnings.warn(f"report.html not written ({type(err).__name__}: {err})", stacklevel=2)
 
     def _stop_on_signal(self, signum: int, saved_step: int) -> None:
         """Checkpoint the steps run since the last checkpoint (rank 0), then raise ``TrainingInterrupted``."""

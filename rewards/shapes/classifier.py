@@ -74,10 +74,14 @@ class ShapesClassifier(nn.Module):
         self.shape = nn.Linear(4 * w, len(SHAPES))
         self.size = nn.Linear(4 * w, 1)
 
-    def forward(self, images: torch.Tensor) -> Prediction:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features [N, 4 * width] of images in [0, 1] (what the heads read)."""
         if images.shape[-2:] != (RESOLUTION, RESOLUTION):
             images = resize(images, (RESOLUTION, RESOLUTION), "bilinear")
-        h = self.features((images - MEAN) / STD).mean(dim=(2, 3))
+        return self.features((images - MEAN) / STD).mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor) -> Prediction:
+        h = self.embed(images)
         return Prediction(
             count=F.log_softmax(self.count(h), 1),
             color=F.log_softmax(self.color(h), 1),
@@ -171,6 +175,10 @@ class ShapesReward(Reward):
         if self.objective == "color":
             return prediction.color[:, list(COLORS).index(self.target)]
         return prediction.shape[:, SHAPES.index(self.target)]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's pooled image features (the embedded world's feature space for diversity)."""
+        return self.classifier.embed(images)
 
     def extra_repr(self) -> str:
         target = f", target={self.target!r}" if self.target else ""

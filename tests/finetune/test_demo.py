@@ -13,6 +13,7 @@ from finetune.__main__ import build_parser
 from finetune.demo import OBJECTIVES, Demo, DemoConfig, report, run_demo
 from finetune.world import split_prompts
 from finetune.world.pipeline import load_world_pipeline
+from tests.browser import assert_renders
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,15 @@ def test_metrics_and_report(demo):
     report = (out / "report.md").read_text()
     assert "| base model |" in report and "prompt agreement" in report and "| +1.5 |" in report
     assert json.loads((out / "summary.json").read_text())["base"] == summary["base"]
+
+
+def test_html_report_renders_in_chromium(demo, tmp_path):
+    """Every held-out prompt's images from the base model, each LoRA and the mix (12 x 4), the curves and the
+    mixing grid load; no console error, nothing fetched; each prompt is written on the page."""
+    out, summary = demo
+    page = assert_renders(out / "report.html", tmp_path / "demo-report.png", min_images=12 * 4 + 2)
+    assert all(prompt in page.text for prompt in summary["held_out_prompts"])
+    assert "prompt agreement" in page.text and page.title.startswith("DRaFT demo")
 
 
 def test_a_failed_plot_keeps_the_finished_work(demo, tmp_path, capsys):
