@@ -15,7 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.config import ATTENTION, COMPILE_MODES, METHOD_NAMES, MIXED_PRECISION, TrainConfig
+from finetune.config import (
+    ATTENTION,
+    COMPILE_MODES,
+    DRAFT_METHOD_NAMES,
+    METHOD_NAMES,
+    MIXED_PRECISION,
+    RL_METHOD_NAMES,
+    TrainConfig,
+)
 from rewards import hints
 from rewards.cli import parse_options, parse_weights
 
@@ -32,6 +40,17 @@ FLAGS: dict[str, dict[str, Any]] = {
     "method": dict(choices=METHOD_NAMES),
     "k": dict(type=int, help="DRaFT-K: number of final sampling steps that keep the graph"),
     "lv_n": dict(type=int, help="DRaFT-LV: number of re-noised copies of the final sample"),
+    "ddpo_inner_epochs": dict(type=int, help="ddpo/grpo: PPO passes over each round's trajectories"),
+    "ddpo_minibatches": dict(type=int, help="ddpo/grpo: optimizer steps per pass (minibatches of the round)"),
+    "ddpo_clip_range": dict(type=float, help="ddpo/grpo: PPO clip range of the importance ratio"),
+    "ddpo_adv_clip": dict(type=float, help="ddpo/grpo: advantages are clipped to +-this"),
+    "ddpo_timestep_fraction": dict(type=float, help="ddpo/grpo: fraction of sampling steps trained per minibatch"),
+    "ddpo_eta": dict(type=float, help="ddpo: DDIM eta of the sampled trajectories"),
+    "ddpo_buffer_size": dict(type=int, help="ddpo: rewards kept per prompt for per-prompt normalisation"),
+    "ddpo_min_count": dict(type=int, help="ddpo: below this many kept rewards a prompt uses the round's statistics"),
+    "grpo_group_size": dict(type=int, help="grpo: samples per prompt (advantages relative to the group)"),
+    "grpo_noise_level": dict(type=float, help="grpo: a of the SDE noise a*sqrt(t/(1-t))"),
+    "grpo_kl_weight": dict(type=float, help="grpo: weight of the per-step KL to the base model (LoRA off)"),
     "steps": dict(type=int, help="optimizer steps"),
     "batch_size": dict(type=int),
     "grad_accum": dict(type=int, help="micro-batches per optimizer step"),
@@ -74,6 +93,8 @@ examples:
       (the embedded world: CPU, no download, about a minute; its preset sets resolution 32, 10 steps, guidance 3)
   python -m finetune train --model runwayml/stable-diffusion-v1-5 --reward aesthetic --method draft-lv \\
       --steps 2000 --output-dir runs/aesthetic
+  python -m finetune train --model {WORLD_MODEL} --reward jpeg-compressibility --method ddpo --steps 40 \\
+      --output-dir runs/ddpo  (the RL methods, ddpo and grpo, take any reward, also one without a gradient)
 
 Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and prints the --resume command."""
 
@@ -182,8 +203,8 @@ def not_differentiable_message(name: str) -> str:
     """Why a reward with no gradient cannot drive the DRaFT-family methods, and what to do instead."""
     return (
         f"reward '{name}' is not differentiable (its score carries no gradient to the images), so the DRaFT-family "
-        f"methods ({', '.join(METHOD_NAMES)}) cannot train on it: choose a differentiable reward (`python -m "
-        f"rewards list` marks them); RL methods for such rewards (DDPO, Flow-GRPO) are not in this release yet"
+        f"methods ({', '.join(DRAFT_METHOD_NAMES)}) cannot train on it: use an RL method, --method ddpo (SD 1.x/2.x, "
+        f"SDXL) or --method grpo (SD3, FLUX), or choose a differentiable reward (`python -m rewards list` marks them)"
     )
 
 
@@ -206,13 +227,14 @@ def check_arguments(config: TrainConfig) -> None:
 
 
 def check_reward_arguments(config: TrainConfig) -> None:
-    """Known, differentiable reward names; options only for a single reward, and only those its builder takes."""
+    """Known reward names, differentiable unless the method is an RL one; options only for a single reward, and
+    only those its builder takes."""
     from rewards.combine import parse_reward_spec
     from rewards.registry import get_entry
 
     members = parse_reward_spec(config.reward)
     for name in members:
-        if not get_entry(name).differentiable:
+        if config.method not in RL_METHOD_NAMES and not get_entry(name).differentiable:
             raise ValueError(not_differentiable_message(name))
     if config.reward_options or config.reward_weights is not None:
         if len(members) > 1:

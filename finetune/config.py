@@ -13,7 +13,11 @@ import yaml
 if TYPE_CHECKING:
     from finetune.families import FamilyDefaults
 
-METHOD_NAMES = ("draft", "draft-k", "draft-lv", "refl")
+DRAFT_METHOD_NAMES = ("draft", "draft-k", "draft-lv", "refl")
+"""Methods that backpropagate the reward's gradient (they need a differentiable reward)."""
+RL_METHOD_NAMES = ("ddpo", "grpo")
+"""Policy-gradient methods (``finetune.rl``): any reward, as a black box."""
+METHOD_NAMES = DRAFT_METHOD_NAMES + RL_METHOD_NAMES
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("sdpa", "eager")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -47,6 +51,30 @@ class TrainConfig:
     lv_n: int = 2
     refl_range: tuple[float, float] = (0.75, 1.0)
     """ReFL: the no-grad prefix stops at a random fraction of the schedule in this range."""
+
+    # RL methods (``finetune.rl``): a step is a round of batch_size x grad_accum trajectories per process, then PPO.
+    ddpo_inner_epochs: int = 1
+    """PPO passes over each round's trajectories (ddpo and grpo)."""
+    ddpo_minibatches: int = 2
+    """Optimizer steps per pass: the round is split into this many minibatches (ddpo and grpo)."""
+    ddpo_clip_range: float = 1e-4
+    """PPO's clip range of the importance ratio (DDPO's and Flow-GRPO's 1e-4)."""
+    ddpo_adv_clip: float = 5.0
+    """Advantages are clipped to [-adv_clip, adv_clip]."""
+    ddpo_timestep_fraction: float = 1.0
+    """Fraction of the sampling steps trained on per minibatch."""
+    ddpo_eta: float = 1.0
+    """DDIM's eta of DDPO's trajectories (evaluation samples with ``eta``)."""
+    ddpo_buffer_size: int = 16
+    """Rewards kept per prompt for DDPO's per-prompt normalisation."""
+    ddpo_min_count: int = 16
+    """A prompt with fewer kept rewards is normalised with the round's statistics (above buffer_size: always)."""
+    grpo_group_size: int = 4
+    """Samples per prompt in a round; advantages are relative to the group's mean and std."""
+    grpo_noise_level: float = 0.7
+    """``a`` of the SDE's noise ``sigma_t = a sqrt(t / (1 - t))`` (Flow-GRPO's 0.7)."""
+    grpo_kl_weight: float = 0.0
+    """Weight of the KL divergence of each step to the base model (the denoiser without LoRA); 0: none."""
 
     # Sampling (``None``: the model family's default).
     resolution: int | None = None
@@ -153,6 +181,41 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "lora_rank", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.method in RL_METHOD_NAMES:
+            self._validate_rl()
+
+    def _validate_rl(self) -> None:
+        for name in ("ddpo_inner_epochs", "ddpo_minibatches", "ddpo_buffer_size", "grpo_group_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        for name in ("ddpo_clip_range", "ddpo_adv_clip"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if not 0 < self.ddpo_timestep_fraction <= 1:
+            raise ValueError(f"ddpo_timestep_fraction must be in (0, 1]; got {self.ddpo_timestep_fraction}")
+        rows = self.batch_size * self.grad_accum
+        if rows % self.ddpo_minibatches:
+            raise ValueError(
+                f"ddpo_minibatches {self.ddpo_minibatches} must divide the {rows} trajectories a round samples per "
+                f"process (batch_size x grad_accum): change --ddpo-minibatches or --batch-size/--grad-accum"
+            )
+        if self.method == "ddpo" and self.ddpo_eta <= 0:
+            raise ValueError(
+                f"ddpo_eta must be positive; got {self.ddpo_eta} (DDPO's policy is stochastic DDIM; eta 0 is "
+                f"deterministic and has no log-probability)"
+            )
+        if self.method == "grpo":
+            if self.grpo_group_size < 2 or rows % self.grpo_group_size:
+                raise ValueError(
+                    f"grpo_group_size {self.grpo_group_size} must be at least 2 and divide the {rows} trajectories "
+                    f"a round samples per process (batch_size x grad_accum)"
+                )
+            if self.grpo_noise_level <= 0:
+                raise ValueError(f"grpo_noise_level must be positive; got {self.grpo_noise_level}")
+            if self.grpo_kl_weight < 0:
+                raise ValueError(f"grpo_kl_weight must be at least 0; got {self.grpo_kl_weight}")
+            if self.grpo_kl_weight > 0 and self.train_text_encoder:
+                raise ValueError("grpo_kl_weight compares with the base denoiser; it cannot train the text encoder")
 
     def with_defaults(self, defaults: FamilyDefaults) -> TrainConfig:
         """This configuration with the unset sampling settings taken from a model family's defaults."""

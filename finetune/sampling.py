@@ -89,7 +89,8 @@ class Sampler:
         denoiser = self.family.denoiser if grad or self.prefix_unet is None else self.prefix_unet
         return self.family.guided(denoiser, latents, t, conditioning, self.guidance_scale)
 
-    def _model_output(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    def model_output(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The guided prediction at timestep ``t``, each chunk's denoiser call checkpointed when grad is on."""
         if not (self.checkpoint_unet and torch.is_grad_enabled()):
             return self.guided_noise(latents, t, conditioning)
         chunks = [
@@ -102,7 +103,7 @@ class Sampler:
         self, latents: torch.Tensor, index: int, conditioning: Conditioning, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One solver step from schedule position ``index``; returns ``(next sample, predicted x0)``."""
-        output = self._model_output(latents, self.timesteps[index], conditioning)
+        output = self.model_output(latents, self.timesteps[index], conditioning)
         return self.solver.step(output, index, latents, generator)
 
     def denoise(

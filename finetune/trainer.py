@@ -27,6 +27,7 @@ from finetune.methods import METHODS, BatchRandom, Generated, MethodSettings
 from finetune.outputs import claim_output_dir
 from finetune.pipelines import check_pipeline
 from finetune.prompts import load_prompts
+from finetune.rl import policy_gradient
 from finetune.sampling import Conditioning, Sampler, batch_slices, generate
 from finetune.speed import compile_prefix, set_attention, set_channels_last, set_tf32
 from finetune.timing import PhaseTimer
@@ -117,9 +118,12 @@ class Trainer:
         modules = {self.family.denoiser_name: self.family.denoiser}
         if config.train_text_encoder:
             modules["text_encoder"] = pipeline.text_encoder
-        self.model = distributed.data_parallel(SamplingModel(modules, self._sample))
+        self.rl = policy_gradient(self)
+        """The RL method (``ddpo``, ``grpo``; :mod:`finetune.rl`), or ``None`` for the DRaFT-family methods."""
+        self.model = distributed.data_parallel(SamplingModel(modules, self.rl.forward if self.rl else self._sample))
         """What one micro-batch's forward runs (text encoding and the method's sampling), DDP-wrapped when data
-        parallel: one forward and one backward per micro-batch, whatever the method's number of denoiser calls."""
+        parallel: one forward and one backward per micro-batch, whatever the method's number of denoiser calls.
+        (An RL method's forward is one transition's log-probability: see ``finetune.rl.policy``.)"""
 
         self.optimizer = torch.optim.AdamW(
             list(self.named_params.values()), lr=config.lr, weight_decay=config.weight_decay
@@ -140,7 +144,7 @@ class Trainer:
             timer=self.timer,
             offload_text_encoders=config.offload_text_encoders,
         )
-        self.method = METHODS[config.method]
+        self.method = METHODS.get(config.method)
         self.settings = MethodSettings(config.k, config.lv_n, tuple(config.refl_range))
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
@@ -195,7 +199,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- step
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step (``grad_accum`` micro-batches); returns its metrics."""
+        """One optimizer step (``grad_accum`` micro-batches); returns its metrics. (An RL method's step is one
+        round: sampling, rewards, then its PPO optimizer steps.)"""
+        if self.rl is not None:
+            return self.rl.train_step()
         config = self.config
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -229,30 +236,8 @@ class Trainer:
             self.reward_queries += len(scores) * self.world
         self.images_seen += batch * self.world * config.grad_accum
         loss_value = distributed.gather(torch.tensor([loss_value], device=self.device)).mean().item()
-
-        with self.timer.phase("optimizer"):
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.named_params.values()), config.max_grad_norm))
-            if math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler.is_enabled()):
-                self.scaler.step(self.optimizer)
-                self.consecutive_nonfinite = 0
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.nonfinite_steps += 1
-                self.consecutive_nonfinite += 1
-                warnings.warn(
-                    f"step {self.step + 1}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); "
-                    f"skipped ({self.consecutive_nonfinite} in a row)",
-                    stacklevel=2,
-                )
-            self.scaler.update()
+        grad_norm = self._optimizer_step(loss_value)
         self.step += 1
-        if self.consecutive_nonfinite >= config.max_nonfinite_steps:
-            raise TrainingDivergedError(
-                f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient (last at step "
-                f"{self.step}); stopping. The last good checkpoint is intact: lower --lr, use bf16 instead of fp16, "
-                f"or lower --max-grad-norm, then --resume."
-            )
 
         scores = torch.cat(all_scores)
         metrics: dict[str, Any] = {
@@ -270,6 +255,34 @@ class Trainer:
         for key, values in members.items():
             metrics[f"reward/{key}"] = torch.cat(values).mean().item()
         return metrics
+
+    def _optimizer_step(self, loss_value: float) -> float:
+        """Apply the accumulated gradients (clipped) unless the loss (the same on every rank) or the gradient norm
+        is not finite; return the gradient norm. Raises after ``max_nonfinite_steps`` skipped steps in a row."""
+        config = self.config
+        with self.timer.phase("optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.named_params.values()), config.max_grad_norm))
+            if math.isfinite(loss_value) and (math.isfinite(grad_norm) or self.scaler.is_enabled()):
+                self.scaler.step(self.optimizer)
+                self.consecutive_nonfinite = 0
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_steps += 1
+                self.consecutive_nonfinite += 1
+                warnings.warn(
+                    f"step {self.step + 1}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); "
+                    f"skipped ({self.consecutive_nonfinite} in a row)",
+                    stacklevel=3,
+                )
+            self.scaler.update()
+        if self.consecutive_nonfinite >= config.max_nonfinite_steps:
+            raise TrainingDivergedError(
+                f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{self.step + 1}); stopping. The last good checkpoint is intact: lower --lr, use bf16 instead of "
+                f"fp16, or lower --max-grad-norm, then --resume."
+            )
+        return grad_norm
 
     def backward(
         self, prompts: list[str], noise: torch.Tensor, rng: BatchRandom, weight: float = 1.0
@@ -318,15 +331,16 @@ class Trainer:
             return checkpoint(self.reward, images, prompts, use_reentrant=False)
         return self.reward(images, prompts)
 
-    def _check_scores(self, scores: object, expected: int) -> None:
+    def _check_scores(self, scores: object, expected: int, differentiable: bool = True) -> None:
         name = getattr(self.reward, "name", type(self.reward).__name__)
         if not isinstance(scores, torch.Tensor) or scores.shape != (expected,):
             shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
             raise ValueError(f"reward '{name}' returned {shape}; expected a tensor of shape ({expected},)")
-        if not scores.requires_grad:
+        if differentiable and not scores.requires_grad:
             raise ValueError(
                 f"reward '{name}' is not differentiable: its scores carry no gradient to the images (does it use "
-                f"torch.no_grad, .detach(), .item(), numpy or PIL?). DRaFT needs a differentiable reward."
+                f"torch.no_grad, .detach(), .item(), numpy or PIL?). DRaFT needs a differentiable reward; the RL "
+                f"methods (method 'ddpo' or 'grpo') take any reward."
             )
 
     # ------------------------------------------------------------------------------------------- evaluation
@@ -388,6 +402,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
         }
+        if self.rl is not None:
+            state["rl"] = self.rl.state_dict()
         meta = {
             "images_seen": self.images_seen,
             "reward_queries": self.reward_queries,
@@ -413,6 +429,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
+        if self.rl is not None:
+            self.rl.load_state_dict(state.get("rl", {}))
         self.step = meta["step"]
         self.images_seen = meta["images_seen"]
         self.reward_queries = meta["reward_queries"]
@@ -490,7 +508,8 @@ class Trainer:
 
 class SamplingModel(torch.nn.Module):
     """The trained networks (the denoiser; the text encoder when it is trained) as one module whose forward is
-    ``sample(prompts, noise, rng)``: text encoding and a method's sampling up to the clean latents.
+    ``sample(prompts, noise, rng)``: text encoding and a method's sampling up to the clean latents (for an RL
+    method, ``sample`` is its one-transition log-probability, :meth:`finetune.rl.PolicyGradient.forward`).
 
     This is the unit DDP wraps. However many denoiser calls a method makes (no-grad prefix, checkpointed grad
     steps recomputed in backward, DRaFT-LV copies), a micro-batch is one DDP forward, and the one
@@ -498,10 +517,10 @@ class SamplingModel(torch.nn.Module):
     ready once and the buckets are all-reduced.
     """
 
-    def __init__(self, modules: dict[str, torch.nn.Module], sample: Callable[..., Generated]) -> None:
+    def __init__(self, modules: dict[str, torch.nn.Module], sample: Callable[..., Any]) -> None:
         super().__init__()
         self.trained = torch.nn.ModuleDict(modules)
         self.sample = sample
 
-    def forward(self, prompts: list[str], noise: torch.Tensor, rng: BatchRandom) -> Generated:
-        return self.sample(prompts, noise, rng)
+    def forward(self, *args: Any) -> Any:
+        return self.sample(*args)
