@@ -288,7 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.smoke:
-        args.steps, args.sweep_steps, args.seeds, args.batch, args.sampling_steps = 2, 1, 2, 1, 2
+        args.steps, args.sweep_steps, args.seeds, args.batch, args.sampling_steps = 2, 1, 2, 2, 2
         args.eval_every, args.eval_seeds, args.held_out = 1, "1000", 2
     args.methods = args.methods.split(",")
     args.lrs = [float(x) for x in args.lrs.split(",")]
