@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -120,6 +121,19 @@ def sweep(method: str, args: argparse.Namespace) -> dict:
     for lr, value in gains.items():
         print(f"sweep {method} lr {lr:g}: gain {value:+.4f}", flush=True)
     return dict(gains={f"{lr:g}": value for lr, value in gains.items()}, lr=max(gains, key=gains.get))
+
+
+def train_method(method: str, args: argparse.Namespace) -> tuple[dict, dict | None]:
+    """One method's sweep and seeded runs (and, for DDPO, its runs on the non-differentiable reward)."""
+    torch.set_num_threads(args.threads)
+    chosen = sweep(method, args)
+    curves = [run(method, REWARD, chosen["lr"], seed, args.steps, args) for seed in range(args.seeds)]
+    print(f"{method}: gains {[round(gain(c), 4) for c in curves]}", flush=True)
+    extra = None
+    if method == "ddpo":
+        black = [run(method, BLACK_BOX, chosen["lr"], seed, args.steps, args) for seed in range(args.seeds)]
+        extra = dict(reward=BLACK_BOX[0], lr=chosen["lr"], curves=black)
+    return dict(lr=chosen["lr"], sweep=chosen["gains"], curves=curves), extra
 
 
 def thresholds(results: dict[str, dict]) -> tuple[str, float, dict]:
@@ -284,6 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-seeds", default="1000,1001")
     parser.add_argument("--held-out", type=int, default=12, help="how many of the 12 held-out prompts to evaluate")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see gradient_variance.py)")
+    parser.add_argument("--jobs", type=int, default=1, help="methods trained in parallel processes")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run of the code path (tests)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -306,18 +321,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     header = provenance.header()
     results, black_box, skipped = {}, {}, {}
-    for method in args.methods:
-        if METHODS[method]["method"] not in METHOD_NAMES:
-            skipped[method] = "this checkout's `finetune` has no such `--method` (merge the branch that adds it)"
-            continue
-        chosen = sweep(method, args)
-        curves = [run(method, REWARD, chosen["lr"], seed, args.steps, args) for seed in range(args.seeds)]
-        results[method] = dict(lr=chosen["lr"], sweep=chosen["gains"], curves=curves)
-        print(f"{method}: gains {[round(gain(c), 4) for c in curves]}", flush=True)
-    if "ddpo" in results:
-        lr = results["ddpo"]["lr"]
-        curves = [run("ddpo", BLACK_BOX, lr, seed, args.steps, args) for seed in range(args.seeds)]
-        black_box["ddpo"] = dict(reward=BLACK_BOX[0], lr=lr, curves=curves)
+    runnable = [m for m in args.methods if METHODS[m]["method"] in METHOD_NAMES]
+    for method in sorted(set(args.methods) - set(runnable)):
+        skipped[method] = "this checkout's `finetune` has no such `--method` (merge the branch that adds it)"
+    for method in (m for m in METHODS if m not in args.methods):
+        skipped[method] = "not in this run's `--methods`"
+    if args.jobs > 1:  # one process per method, each single-threaded as set by --threads
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            trained = pool.starmap(train_method, [(m, args) for m in runnable])
+    else:
+        trained = [train_method(m, args) for m in runnable]
+    for method, (result, extra) in zip(runnable, trained, strict=True):
+        results[method] = result
+        if extra is not None:
+            black_box[method] = extra
     best, best_gain, reached = thresholds(results)
     summary = dict(
         command=" ".join(["python", "benchmarks/sample_efficiency.py", *(sys.argv[1:] if argv is None else argv)]),
