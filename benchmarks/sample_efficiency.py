@@ -1,125 +1,359 @@
-"""Sample efficiency in the embedded shapes world: held-out reward against the number of images sampled, for
-DRaFT-LV, DRaFT-K (K=1) and ReFL, several seeds each, all in one run on the same pipeline and reward.
+"""Sample efficiency in the embedded shapes world: held-out reward against reward queries for DRaFT-LV (n = 2),
+DRaFT-K (K = 1), ReFL and DDPO, each at its own learning rate (a small sweep on a separate seed), several seeds.
 
-    python benchmarks/sample_efficiency.py [--steps 60] [--seeds 3] [--output DIR]
+    python benchmarks/sample_efficiency.py [--steps 24] [--seeds 3] [--lrs 3e-4,1e-3,3e-3] [--output DIR]
+    python benchmarks/sample_efficiency.py --smoke --output DIR   # seconds: the code path, no figures worth reading
 
-Writes ``sample_efficiency.png``, ``sample_efficiency.json`` (every point) and ``sample_efficiency.md`` (the
-figures and the ordering, whatever it is) to ``--output`` (default ``benchmarks/results``) and prints the table.
+The world runs at 20 DDIM steps (so ReFL's stopping step, drawn in (0.75, 1) of T, ranges over 5 positions) on the
+``shapes`` reward's size objective. For each method the sweep trains one run per learning rate on seed 100 for
+``--sweep-steps`` steps and keeps the one with the largest held-out gain; then ``--seeds`` runs (seeds 0, 1, ...)
+train at it for ``--steps`` steps. Reported: the reward queries each run needs to reach 50% and 80% of the best
+method's mean final held-out gain (linear between evaluations), and the ratios DDPO / DRaFT-LV and DRaFT-1 /
+DRaFT-LV. DDPO, where this checkout has it (``--method ddpo``), uses the same reward as a black box, and also
+trains on the non-differentiable ``jpeg-compressibility`` to show it works there.
+
+Writes ``sample_efficiency.png``, ``.json`` and ``.md`` to ``--output`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import multiprocessing
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 import provenance
 import torch
 
-from finetune.demo import OBJECTIVES, DemoConfig
+from compose.files import atomic_write
+from finetune.checkpoint import atomic_write_text
+from finetune.config import METHOD_NAMES, TrainConfig
 from finetune.trainer import Trainer
-from finetune.world import split_prompts
+from finetune.world import WORLD_TRAINING, split_prompts
 from finetune.world.pipeline import load_world_pipeline
 from rewards import get_reward
 
-METHODS = {"draft-lv": dict(lv_n=2), "draft-k": dict(k=1), "refl": {}}
-OBJECTIVE = OBJECTIVES[0]
-"""The demo's learned-classifier objective: bigger shapes (``shapes``, ``objective="size"``)."""
+METHODS = {
+    "draft-lv": dict(method="draft-lv", lv_n=2),
+    "draft-k": dict(method="draft-k", k=1),
+    "refl": dict(method="refl"),
+    "ddpo": dict(method="ddpo"),
+}
+REFERENCE = "draft-lv"
+RATIOS = (("ddpo", REFERENCE), ("draft-k", REFERENCE))
+REWARD = ("shapes", {"objective": "size"})
+"""The differentiable objective: the classifier's size reading (0 to 1; the shipped model's samples average 0.42)."""
+BLACK_BOX = ("jpeg-compressibility", {})
+"""The non-differentiable reward DDPO also trains on."""
+FRACTIONS = (0.5, 0.8)
+SWEEP_SEED = 100
+SAMPLING_STEPS = 20
+Curve = list[dict[str, float]]
+"""One run's evaluations: ``{"step", "images", "queries", "reward"}`` (held-out reward), step 0 first."""
 
 
-def run(method: str, seed: int, steps: int, reward, work: Path) -> list[tuple[int, float]]:
-    """(images sampled, held-out reward) at every evaluation of one training run."""
+def run(method: str, reward: tuple[str, dict], lr: float, seed: int, steps: int, args: argparse.Namespace) -> Curve:
+    """Train one LoRA from the shipped world pipeline; its held-out evaluations."""
     train_prompts, held_out = split_prompts()
-    # The demo's settings (lr, batch, sampling, LoRA), so the regime matches what the demo shows.
-    demo = DemoConfig(steps=steps, seed=seed, output_dir=str(work))
-    run_objective = dataclasses.replace(OBJECTIVE, name=f"{method}-{seed}")
-    settings = dict(method=method, eval_seeds=(1000, 1001), **METHODS[method])
-    config = dataclasses.replace(demo.train_config(run_objective), **settings)
-    Trainer(load_world_pipeline(), reward, config, train_prompts, held_out).train()
-    rows = map(json.loads, (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines())
-    return [(row.get("images_seen", 0), row["eval_reward"]) for row in rows if "eval_reward" in row]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
-    reward = get_reward(OBJECTIVE.reward, **OBJECTIVE.options)
-    results: dict[str, list[list[tuple[int, float]]]] = {}
+    held_out = held_out[: args.held_out]
     with tempfile.TemporaryDirectory() as tmp:
-        for method in METHODS:
-            results[method] = [run(method, seed, args.steps, reward, Path(tmp)) for seed in range(args.seeds)]
-    args.output.mkdir(parents=True, exist_ok=True)
-    plot(results, args.output / "sample_efficiency.png")
-    (args.output / "sample_efficiency.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = summarise(results, args)
-    (args.output / "sample_efficiency.md").write_text(text)
-    print(text)
+        config = TrainConfig(
+            **METHODS[method],
+            resolution=WORLD_TRAINING["resolution"],
+            num_inference_steps=args.sampling_steps,
+            guidance_scale=WORLD_TRAINING["guidance_scale"],
+            lora_rank=WORLD_TRAINING["lora_rank"],
+            weight_decay=0.0,
+            batch_size=args.batch,
+            lr=lr,
+            steps=steps,
+            seed=seed,
+            eval_seeds=tuple(args.eval_seeds),
+            eval_every=args.eval_every,
+            checkpoint_every=steps,
+            keep_checkpoints=1,
+            output_dir=tmp,
+            overwrite=True,
+            device="cpu",
+        )
+        scorer = get_reward(reward[0], **reward[1])
+        Trainer(load_world_pipeline(), scorer, config, train_prompts, held_out).train()
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    return [
+        dict(
+            step=row["step"],
+            images=row.get("images_seen", 0),
+            queries=row.get("reward_queries", 0),
+            reward=row["eval_reward"],
+        )
+        for row in rows
+        if "eval_reward" in row
+    ]
 
 
-def gains(runs: list[list[tuple[int, float]]], at: int = -1) -> list[float]:
-    """Held-out reward at evaluation ``at`` (default: the last) minus the initial one, for each run."""
-    return [points[at][1] - points[0][1] for points in runs]
+def gain(curve: Curve, at: int = -1) -> float:
+    """Held-out reward at evaluation ``at`` (default: the last) minus the initial one."""
+    return curve[at]["reward"] - curve[0]["reward"]
 
 
-def plot(results: dict[str, list[list[tuple[int, float]]]], path: Path) -> None:
+def queries_to_reach(curve: Curve, target: float, axis: str = "queries") -> float | None:
+    """Reward queries (or ``axis``) at which the held-out gain first reaches ``target``, linear between evaluations;
+    ``None`` if it never does."""
+    previous = curve[0]
+    for point in curve[1:]:
+        before, after = previous["reward"] - curve[0]["reward"], point["reward"] - curve[0]["reward"]
+        if after >= target:
+            share = (target - before) / (after - before) if after > before else 1.0
+            return previous[axis] + share * (point[axis] - previous[axis])
+        previous = point
+    return None
+
+
+def sweep(method: str, args: argparse.Namespace) -> dict:
+    """Final held-out gain per learning rate on the sweep seed; the chosen (largest-gain) learning rate (no sweep
+    run when there is one learning rate)."""
+    if len(args.lrs) == 1:
+        return dict(gains={f"{args.lrs[0]:g}": None}, lr=args.lrs[0])
+    gains = {lr: gain(run(method, REWARD, lr, SWEEP_SEED, args.sweep_steps, args)) for lr in args.lrs}
+    for lr, value in gains.items():
+        print(f"sweep {method} lr {lr:g}: gain {value:+.4f}", flush=True)
+    return dict(gains={f"{lr:g}": value for lr, value in gains.items()}, lr=max(gains, key=gains.get))
+
+
+def train_method(method: str, args: argparse.Namespace) -> tuple[dict, dict | None]:
+    """One method's sweep and seeded runs (and, for DDPO, its runs on the non-differentiable reward)."""
+    torch.set_num_threads(args.threads)
+    chosen = sweep(method, args)
+    curves = [run(method, REWARD, chosen["lr"], seed, args.steps, args) for seed in range(args.seeds)]
+    print(f"{method}: gains {[round(gain(c), 4) for c in curves]}", flush=True)
+    extra = None
+    if method == "ddpo":
+        black = [run(method, BLACK_BOX, chosen["lr"], seed, args.steps, args) for seed in range(args.seeds)]
+        extra = dict(reward=BLACK_BOX[0], lr=chosen["lr"], curves=black)
+    return dict(lr=chosen["lr"], sweep=chosen["gains"], curves=curves), extra
+
+
+def thresholds(results: dict[str, dict]) -> tuple[str, float, dict]:
+    """The best method (largest mean final gain), its gain, and per method and fraction the reward queries and
+    images each seed needed (``None``: not reached within the budget)."""
+    means = {m: statistics.mean(gain(c) for c in r["curves"]) for m, r in results.items()}
+    best = max(means, key=means.get)
+    reached = {
+        m: {
+            f"{f:g}": {axis: [queries_to_reach(c, f * means[best], axis) for c in r["curves"]] for axis in AXES}
+            for f in FRACTIONS
+        }
+        for m, r in results.items()
+    }
+    return best, means[best], reached
+
+
+AXES = ("queries", "images")
+
+
+def ratios(reached: dict) -> dict:
+    """``numerator / denominator`` of the reward queries (and images) to each fraction: per seed index (seed i of
+    one method against seed i of the other), their mean, min and max, and the ratio of the seeds' means; ``None``
+    where a run did not reach the fraction."""
+    table = {}
+    for numerator, denominator in RATIOS:
+        if numerator not in reached or denominator not in reached:
+            continue
+        for fraction in reached[denominator]:
+            for axis in AXES:
+                top, bottom = reached[numerator][fraction][axis], reached[denominator][fraction][axis]
+                per_seed = [a / b if a is not None and b else None for a, b in zip(top, bottom, strict=True)]
+                finite = [r for r in per_seed if r is not None]
+                complete = len(finite) == len(per_seed)
+                table[f"{numerator}/{denominator} {fraction} {axis}"] = dict(
+                    per_seed=per_seed,
+                    mean=statistics.mean(finite) if complete else None,
+                    min=min(finite) if complete else None,
+                    max=max(finite) if complete else None,
+                    of_means=statistics.mean(top) / statistics.mean(bottom) if complete else None,
+                )
+    return table
+
+
+def plot(results: dict[str, dict], extra: dict[str, dict], path: Path) -> None:
+    """Mean held-out gain (band: min to max over seeds) against reward queries and against images sampled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for method, runs in results.items():
-        xs = [x for x, _ in runs[0]]
-        ys = [statistics.mean(run[i][1] for run in runs) for i in range(len(xs))]
-        spread = [statistics.pstdev(run[i][1] for run in runs) for i in range(len(xs))]
-        axis.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, label=method)
-    axis.set(xlabel="images sampled (full sampling chains)", ylabel="held-out reward", title="sample efficiency")
-    axis.legend()
+    panels = 2 + bool(extra)
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    for axis, x in zip(axes, AXES, strict=False):
+        for method, result in results.items():
+            band(axis, result["curves"], x, f"{method} (lr {result['lr']:g})")
+        axis.set(xlabel=f"reward {x}" if x == "queries" else "images sampled", ylabel="held-out gain (size)")
+        axis.legend()
+    for name, result in extra.items():
+        band(axes[-1], result["curves"], "queries", name)
+        axes[-1].set(xlabel="reward queries", ylabel="held-out gain (JPEG kB, negated)", title="DDPO, non-diff.")
+    figure.suptitle("sample efficiency in the shapes world (T = 20)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     plt.close(figure)
 
 
-def summarise(results: dict[str, list[list[tuple[int, float]]]], args: argparse.Namespace) -> str:
-    reference = statistics.mean(gains(results["draft-k"]))
+def band(axis, curves: list[Curve], x: str, label: str) -> None:
+    xs = [p[x] for p in curves[0]]
+    gains = [[gain(c, i) for c in curves] for i in range(len(xs))]
+    (line,) = axis.plot(xs, [statistics.mean(g) for g in gains], marker="o", label=label)
+    axis.fill_between(xs, [min(g) for g in gains], [max(g) for g in gains], alpha=0.2, color=line.get_color())
+
+
+def fmt(value: float | None, digits: int = 0, missing: str = "not reached") -> str:
+    return missing if value is None else f"{value:.{digits}f}"
+
+
+def report(summary: dict, args: argparse.Namespace) -> str:
+    results, best, best_gain = summary["methods"], summary["best"], summary["best_gain"]
     lines = [
         "# Sample efficiency in the embedded shapes world",
         "",
-        provenance.header(),
+        summary["provenance"],
         "",
-        f"Command: `python benchmarks/sample_efficiency.py --steps {args.steps} --seeds {args.seeds}`; reward "
-        "`shapes` (objective size) with the demo's settings (lr, batch, 10 DDIM steps, guidance 3, LoRA rank 4). "
-        f"Held-out reward = mean over the demo's 12 held-out prompts x 2 seeds; gain = final minus initial. DRaFT-LV "
-        f"(n=2) queries the reward twice per image sampled. Machine: CPU ({torch.get_num_threads()} threads).",
+        f"Command: `{summary['command']}`. Reward `{REWARD[0]}` (objective size), {args.sampling_steps} DDIM steps, "
+        f"guidance {WORLD_TRAINING['guidance_scale']}, LoRA rank {WORLD_TRAINING['lora_rank']}, batch {args.batch}, "
+        f"{args.steps} steps per run, seeds 0 to {args.seeds - 1}. Held-out reward: {args.held_out} held-out prompts "
+        f"x eval seeds {', '.join(map(str, args.eval_seeds))}, every {args.eval_every} steps; gain = held-out reward "
+        "minus the initial one. "
+        f"Reward queries count every reward evaluation in training (DRaFT-LV n=2: two per image sampled). "
+        f"Learning rate per method: the largest sweep gain over {', '.join(f'{lr:g}' for lr in args.lrs)} "
+        f"({args.sweep_steps} steps, seed {SWEEP_SEED}). CPU, {args.threads} torch thread(s).",
         "",
-        "| method | images sampled | gain per seed | mean gain | ratio to draft-k | mean gain at half the images |",
-        "|---|---|---|---|---|---|",
+        "## Learning-rate sweep (held-out gain after the sweep's steps)",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | chosen |",
+        "|---|" + "---|" * (len(args.lrs) + 1),
     ]
-    order = sorted(results, key=lambda m: -statistics.mean(gains(results[m])))
-    for method in order:
-        g = gains(results[method])
-        ratio = statistics.mean(g) / reference if reference else float("nan")
-        images = results[method][0][-1][0]
-        half = statistics.mean(gains(results[method], len(results[method][0]) // 2))
-        per_seed = ", ".join(f"{x:+.3f}" for x in g)
-        lines.append(f"| {method} | {images} | {per_seed} | {statistics.mean(g):+.3f} | {ratio:.2f} | {half:+.3f} |")
-    means = [statistics.mean(gains(results[m])) for m in order]
-    spread = max(max(gains(results[m])) - min(gains(results[m])) for m in order)
-    verdict = "smaller" if means[0] - means[-1] < spread else "larger"
+    for method, result in results.items():
+        row = " | ".join(fmt(result["sweep"][f"{lr:g}"], 4, "not run") for lr in args.lrs)
+        lines.append(f"| {method} | {row} | {result['lr']:g} |")
     lines += [
         "",
-        f"Ordering by mean gain at equal images sampled: {' > '.join(order)}. The gap between the best and the worst "
-        f"mean ({means[0] - means[-1]:.3f}) is {verdict} than the largest spread across seeds of one method "
-        f"({spread:.3f}).",
+        f"## Reward queries to reach a fraction of the best method's mean gain ({best}: {best_gain:+.4f})",
         "",
+        "| method | gain per seed | mean gain | "
+        + " | ".join(f"queries to {f:.0%} (per seed)" for f in FRACTIONS)
+        + " | "
+        + " | ".join(f"images to {f:.0%} (per seed)" for f in FRACTIONS)
+        + " |",
+        "|---|---|---|" + "---|" * 2 * len(FRACTIONS),
     ]
+    for method, result in results.items():
+        gains = [gain(c) for c in result["curves"]]
+        cells = [
+            ", ".join(fmt(v) for v in summary["reached"][method][f"{f:g}"][axis]) for axis in AXES for f in FRACTIONS
+        ]
+        lines.append(
+            f"| {method} | {', '.join(f'{g:+.4f}' for g in gains)} | {statistics.mean(gains):+.4f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += ["", "## Ratios (per seed i: seed i of one method against seed i of the other)", ""]
+    if summary["ratios"]:
+        lines += ["| ratio | fraction | axis | per seed | mean (min to max) | ratio of means |", "|" + "---|" * 6]
+        for key, r in summary["ratios"].items():
+            name, fraction, axis = key.split(" ")
+            per_seed = ", ".join(fmt(v, 2) for v in r["per_seed"])
+            spread = f"{fmt(r['mean'], 2)} ({fmt(r['min'], 2)} to {fmt(r['max'], 2)})"
+            of_means = fmt(r["of_means"], 2)
+            lines.append(f"| {name} | {float(fraction):.0%} | {axis} | {per_seed} | {spread} | {of_means} |")
+    still = {m: gain(r["curves"][0], -1) > gain(r["curves"][0], -2) for m, r in results.items()} if results else {}
+    rising = [m for m, up in still.items() if up]
+    lines += [
+        "",
+        f"Saturation check: in its last evaluation interval the held-out gain of seed 0 still rose for "
+        f"{', '.join(rising) or 'no method'} (of {', '.join(results)}).",
+    ]
+    for name, result in summary["black_box"].items():
+        gains = [gain(c) for c in result["curves"]]
+        lines.append(
+            f"DDPO on the non-differentiable `{BLACK_BOX[0]}` (lr {result['lr']:g}): held-out gain per seed "
+            f"{', '.join(f'{g:+.3f}' for g in gains)} (reward in kB, negated; {name})."
+        )
+    for method, why in summary["skipped"].items():
+        lines.append(f"Not run: `{method}`: {why}.")
+    lines += ["", provenance.footer(), ""]
     return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, among {', '.join(METHODS)}")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--sweep-steps", type=int, default=12)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="comma-separated learning rates to sweep")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--sampling-steps", type=int, default=SAMPLING_STEPS)
+    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--eval-seeds", default="1000,1001")
+    parser.add_argument("--held-out", type=int, default=12, help="how many of the 12 held-out prompts to evaluate")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see gradient_variance.py)")
+    parser.add_argument("--jobs", type=int, default=1, help="methods trained in parallel processes")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run of the code path (tests)")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.sweep_steps, args.seeds, args.batch, args.sampling_steps = 2, 1, 2, 2, 2
+        args.eval_every, args.eval_seeds, args.held_out = 1, "1000", 2
+    args.methods = args.methods.split(",")
+    args.lrs = [float(x) for x in args.lrs.split(",")]
+    args.eval_seeds = [int(x) for x in args.eval_seeds.split(",")]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose among {', '.join(METHODS)}")
+    if REFERENCE not in args.methods or args.seeds < 1:
+        parser.error(f"--methods must include {REFERENCE} (the ratios' reference) and --seeds must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    header = provenance.header()
+    results, black_box, skipped = {}, {}, {}
+    runnable = [m for m in args.methods if METHODS[m]["method"] in METHOD_NAMES]
+    for method in sorted(set(args.methods) - set(runnable)):
+        skipped[method] = "this checkout's `finetune` has no such `--method` (merge the branch that adds it)"
+    for method in (m for m in METHODS if m not in args.methods):
+        skipped[method] = "not in this run's `--methods`"
+    if args.jobs > 1:  # one process per method, each single-threaded as set by --threads
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            trained = pool.starmap(train_method, [(m, args) for m in runnable])
+    else:
+        trained = [train_method(m, args) for m in runnable]
+    for method, (result, extra) in zip(runnable, trained, strict=True):
+        results[method] = result
+        if extra is not None:
+            black_box[method] = extra
+    best, best_gain, reached = thresholds(results)
+    summary = dict(
+        command=" ".join(["python", "benchmarks/sample_efficiency.py", *(sys.argv[1:] if argv is None else argv)]),
+        provenance=header,
+        arguments={k: str(v) for k, v in vars(args).items()},
+        methods=results,
+        best=best,
+        best_gain=best_gain,
+        reached=reached,
+        ratios=ratios(reached),
+        black_box=black_box,
+        skipped=skipped,
+    )
+    args.output.mkdir(parents=True, exist_ok=True)
+    plot(results, black_box, args.output / "sample_efficiency.png")
+    atomic_write_text(args.output / "sample_efficiency.json", json.dumps(summary, indent=1) + "\n")
+    text = report(summary, args)
+    atomic_write_text(args.output / "sample_efficiency.md", text)
+    print(text)
 
 
 if __name__ == "__main__":

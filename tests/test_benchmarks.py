@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end in their small modes (the GPU script's --smoke on the CPU)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -104,3 +105,63 @@ def test_step_breakdown_prints_every_phase():
     assert re.search(r"fraction of the FLOP floor: \d+\.\d%", out)
     assert re.search(r"achieved \d+\.\d+ TFLOP/s", out)
     assert re.search(r"eager-attention\s+\d+\.\d+\s+\d+\.\d+", out)
+
+
+def test_gradient_variance_smoke_reports_the_recorded_gradients_covariance_trace(tmp_path):
+    """The variance reported for each method is the trace of the sample covariance of the gradients it drew
+    (computed here from the saved gradients), the ratios are those variances' ratios, and a DRaFT-LV step with n
+    copies queries the reward n times per image."""
+    from safetensors.torch import load_file
+
+    run(
+        "gradient_variance.py",
+        *("--settings", "sd", "--draws", "3", "--batch", "2", "--sampling-steps", "2", "--warmup", "1"),
+        *("--bootstrap", "20", "--output", str(tmp_path), "--save-gradients", str(tmp_path / "g.safetensors")),
+    )
+    result = json.loads((tmp_path / "gradient_variance.json").read_text())["results"]["sd"]
+    methods = result["methods"]
+    assert list(methods) == ["DRaFT-1", "DRaFT-LV n=1", "DRaFT-LV n=2", "DRaFT-LV n=4", "ReFL"]
+    gradients = load_file(str(tmp_path / "g_sd.safetensors"))
+    for name, m in methods.items():
+        g = gradients[name]
+        assert g.shape == (3, result["parameters"])
+        trace = ((g - g.mean(0)) ** 2).sum().item() / (len(g) - 1)
+        assert m["variance"] == pytest.approx(trace, rel=1e-9) and trace > 0
+        assert m["mean_norm_sq"] == pytest.approx(g.mean(0).square().sum().item() - trace / len(g), rel=1e-9)
+        assert m["ratio_to_draft1"] == pytest.approx(m["variance"] / methods["DRaFT-1"]["variance"])
+        assert m["variance_ci"][0] <= m["variance_ci"][1] and m["seconds_per_step"] > 0
+    assert [m["reward_queries"] for m in methods.values()] == [2, 2, 4, 8, 2]
+    ratio = methods["DRaFT-LV n=2"]["ratio_to_draft1"]
+    report = (tmp_path / "gradient_variance.md").read_text()
+    assert f"Variance ratio DRaFT-LV n=2 / DRaFT-1: **{ratio:.2f}**" in report
+    assert re.search(r"^commit [0-9a-f]{7,}", report, re.M)
+
+
+def test_sample_efficiency_smoke_thresholds_and_ratios_follow_the_recorded_curves(tmp_path):
+    """Each reported number of reward queries lies between the two evaluations whose gains bracket the threshold,
+    DRaFT-LV (n = 2) counts two reward queries per image, and each ratio is the quotient of the reported counts."""
+    run("sample_efficiency.py", "--smoke", "--methods", "draft-lv,draft-k", "--lrs", "3e-3", "--output", str(tmp_path))
+    summary = json.loads((tmp_path / "sample_efficiency.json").read_text())
+    assert (tmp_path / "sample_efficiency.png").stat().st_size > 0
+    methods = summary["methods"]
+    assert list(methods) == ["draft-lv", "draft-k"] and summary["best"] in methods
+    for point in (p for curve in methods["draft-lv"]["curves"] for p in curve):
+        assert point["queries"] == 2 * point["images"]
+    for name, result in methods.items():
+        assert len(result["curves"]) == 2 and result["lr"] == 3e-3
+        for fraction in ("0.5", "0.8"):
+            target = float(fraction) * summary["best_gain"]
+            for curve, queries in zip(result["curves"], summary["reached"][name][fraction]["queries"], strict=True):
+                gains = [p["reward"] - curve[0]["reward"] for p in curve]
+                first = next((i for i, g in enumerate(gains) if g >= target), None)
+                if first is None or first == 0:
+                    assert queries is None if first is None else queries is not None
+                    continue
+                assert gains[first - 1] < target and curve[first - 1]["queries"] <= queries <= curve[first]["queries"]
+    for key, ratio in summary["ratios"].items():
+        fraction, axis = key.split(" ")[1:]
+        top, bottom = (summary["reached"][m][fraction][axis] for m in ("draft-k", "draft-lv"))
+        expected = [a / b if a is not None and b else None for a, b in zip(top, bottom, strict=True)]
+        assert ratio["per_seed"] == pytest.approx(expected)
+    report = (tmp_path / "sample_efficiency.md").read_text()
+    assert "| draft-k/draft-lv | 50% | queries |" in report and "load average (1 min) at end" in report
