@@ -240,6 +240,11 @@ class TrainConfig:
                 raise ValueError(f"grpo_kl_weight must be at least 0; got {self.grpo_kl_weight}")
             if self.grpo_kl_weight > 0 and self.train_text_encoder:
                 raise ValueError("grpo_kl_weight compares with the base denoiser; it cannot train the text encoder")
+        if self.anchor_weight > 0:
+            raise ValueError(
+                f"anchor_weight anchors the reward-gradient methods' grad steps; {self.method} has none (its loss is "
+                f"the PPO objective): leave it at 0, and use --grpo-kl-weight to keep grpo near the base model"
+            )
 
     def with_defaults(self, defaults: FamilyDefaults) -> TrainConfig:
         """This configuration with the unset sampling settings taken from a model family's defaults."""

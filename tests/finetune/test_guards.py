@@ -241,6 +241,8 @@ def test_guard_settings_are_checked():
         TrainConfig(diversity_warn=1.5)
     with pytest.raises(ValueError, match="anchor_weight"):
         TrainConfig(anchor_weight=-1)
+    with pytest.raises(ValueError, match="ddpo has none"):
+        TrainConfig(method="ddpo", anchor_weight=0.1)
     with pytest.raises(ValueError, match="--early-stop"):
         TrainConfig(early_stop="judge")
 
