@@ -282,6 +282,7 @@ def build_cli_judges(config: TrainConfig) -> dict[str, Any]:
 
 def train(config: TrainConfig) -> None:
     check_arguments(config)
+    from finetune import distributed
     from finetune.guards import NO_JUDGES
     from finetune.pipelines import load_pipeline
     from finetune.trainer import Trainer
@@ -298,6 +299,7 @@ def train(config: TrainConfig) -> None:
     config = config.replace(eval_rewards=tuple(judges) or NO_JUDGES)  # training_config.yaml names those used
     pipeline = load_pipeline(config.model)
     history = Trainer(pipeline, reward, config, judges=judges).train()
+    distributed.teardown()
     if history:
         print(f"done: step {history[-1]['step']}, reward {history[-1]['reward']:.4g}; LoRA in {config.output_dir}")
 

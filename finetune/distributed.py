@@ -47,6 +47,15 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def teardown() -> None:
+    """Leave the process group at the end of a finished run (every rank gets here): a barrier, so that no rank
+    closes the store while another still uses it, then ``destroy_process_group`` (left open, gloo's threads can
+    abort the interpreter's exit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
     """``module`` wrapped in DDP over its trainable parameters (itself in a single process).
 

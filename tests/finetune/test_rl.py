@@ -277,8 +277,9 @@ def test_grpo_records_the_sde_step_and_trains_with_kl_to_the_base(tiny_sd3_dir, 
 
 @pytest.mark.slow
 def test_ddpo_two_processes_equal_one_with_the_same_round(tiny_model_dir, tmp_path):
-    """DDP: two processes with batch 1 sample, reward and normalise the round of one process with batch 2, and
-    (one minibatch: the gradient is the round's mean) make the same update through the DDP-wrapped model."""
+    """DDP: two processes with batch 1 sample, reward and normalise the round of one process with batch 2 (with
+    the default minimum count, a round's advantages use the round's statistics, gathered over the ranks), and (one
+    minibatch: the gradient is the round's mean) make the same update through the DDP-wrapped model."""
     (tmp_path / "eval.txt").write_text("a cat\na red car\n")
     loras = []
     for processes, batch in ((1, 2), (2, 1)):
@@ -287,7 +288,7 @@ def test_ddpo_two_processes_equal_one_with_the_same_round(tiny_model_dir, tmp_pa
         command = [
             *launcher,
             "finetune", "train", "--model", str(tiny_model_dir), "--reward", "jpeg-compressibility", "--method",
-            "ddpo", "--ddpo-minibatches", "1", "--ddpo-min-count", "1", "--steps", "2", "--batch-size", str(batch),
+            "ddpo", "--ddpo-minibatches", "1", "--steps", "2", "--batch-size", str(batch),
             "--resolution", "64", "--num-inference-steps", "2", "--guidance-scale", "3", "--lr", "0.01",
             "--output-dir", str(out), "--device", "cpu", "--eval-every", "100", "--eval-prompts",
             str(tmp_path / "eval.txt"),
@@ -297,5 +298,13 @@ def test_ddpo_two_processes_equal_one_with_the_same_round(tiny_model_dir, tmp_pa
         loras.append(load_file(str(out / "pytorch_lora_weights.safetensors")))
     single, ddp = loras
     assert max(v.abs().max().item() for k, v in single.items() if "lora.up" in k) > 1e-4
+    # AdamW's first steps move each weight by about lr x g / (|g| + eps): the down factors' gradients are exactly 0 in
+    # step 1 (the up factors start at 0) and tiny in step 2, so float rounding in the all-reduce can move a rare
+    # entry by a fraction of lr (0.01). A wrong update (e.g. advantages from one rank's rewards) differs everywhere.
+    close = total = 0
     for key, value in single.items():
-        torch.testing.assert_close(ddp[key], value, rtol=0, atol=1e-5, msg=key)
+        difference = (ddp[key] - value).abs()
+        assert difference.max().item() < 0.01, key
+        close += int((difference <= 1e-5).sum())
+        total += value.numel()
+    assert close >= 0.999 * total, f"{total - close} of {total} LoRA entries differ by more than 1e-5"
