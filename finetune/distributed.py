@@ -16,7 +16,6 @@ import contextlib
 import os
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -52,6 +51,7 @@ def teardown() -> None:
     closes the store while another still uses it, then ``destroy_process_group`` (left open, gloo's threads can
     abort the interpreter's exit)."""
     if dist.is_initialized():
+        _Watchdog.stop()
         dist.barrier()
         dist.destroy_process_group()
 
@@ -126,6 +126,7 @@ class _Watchdog:
 
     store: dist.Store | None = None
     thread: threading.Thread | None = None
+    stopping = threading.Event()
 
     @classmethod
     def start(cls) -> None:
@@ -138,9 +139,17 @@ class _Watchdog:
         cls.thread.start()
 
     @classmethod
+    def stop(cls) -> None:
+        """End the thread (before the process group goes), so that no poll of the store is under way at exit."""
+        if cls.thread is not None:
+            cls.stopping.set()
+            cls.thread.join()
+            cls.thread = cls.store = None
+            cls.stopping.clear()
+
+    @classmethod
     def _poll(cls, rank: int) -> None:
-        while True:
-            time.sleep(POLL_SECONDS)
+        while not cls.stopping.wait(POLL_SECONDS):
             try:
                 if not cls.store.check([ERROR_KEY]):
                     continue
