@@ -13,13 +13,14 @@ the best LoRA kept, and anchoring the LoRA model's predictions to the base model
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from finetune.lora import adapters_disabled
 
 PREFERENCE_REWARDS = ("aesthetic", "hpsv2.1", "imagereward", "pickscore")
 """The zoo's learned human-preference rewards: the default judges of a run on a real model (those whose weights
@@ -177,20 +178,9 @@ class Anchor:
         self.predict = predict
         self.terms: list[torch.Tensor] = []
 
-    @contextlib.contextmanager
-    def base_model(self) -> Iterator[None]:
-        """The adapted networks without their adapters (diffusers' ``disable_adapters``/``enable_adapters``)."""
-        for module in self.denoisers:
-            module.disable_adapters()
-        try:
-            yield
-        finally:
-            for module in self.denoisers:
-                module.enable_adapters()
-
     def record(self, output: torch.Tensor, *inputs: Any) -> None:
         """Add the squared distance of one grad step's prediction ``output`` from the base model's."""
-        with torch.no_grad(), self.base_model():
+        with torch.no_grad(), adapters_disabled(*self.denoisers):
             base = self.predict(*inputs)
         self.terms.append((output.float() - base.float()).pow(2).mean())
 

@@ -1,9 +1,12 @@
-"""Saving trained LoRA adapters in the diffusers format (``pipeline.load_lora_weights(DIR)`` loads them)."""
+"""Saving trained LoRA adapters in the diffusers format (``pipeline.load_lora_weights(DIR)`` loads them), and the
+base model seen through the adapted one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,6 +19,19 @@ from compose.lora import TRAINED_ON
 from finetune.families import Family
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+@contextlib.contextmanager
+def adapters_disabled(*modules: torch.nn.Module) -> Iterator[None]:
+    """The base model: the modules' LoRA adapters off inside (no second copy of the weights), back on after
+    (diffusers' ``disable_adapters``/``enable_adapters``)."""
+    for module in modules:
+        module.disable_adapters()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.enable_adapters()
 
 
 def save_lora_weights(family: Family, directory: Path, text_encoder: bool = False) -> Path:

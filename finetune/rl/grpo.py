@@ -22,13 +22,13 @@ is a candidate for ``ddpo_timestep_fraction`` (no separate SDE window).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from finetune.families import Conditioning
+from finetune.lora import adapters_disabled
 from finetune.rl.policy import PolicyGradient, Transition
 
 EPS = 1e-4
@@ -60,16 +60,6 @@ def sde_level(sigmas: torch.Tensor, index: int, noise_level: float) -> float:
     sigma = float(sigmas[index])
     denominator = 1 - (float(sigmas[1]) if sigma >= 1 else sigma)
     return noise_level * math.sqrt(sigma / denominator)
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """The base model: ``model``'s LoRA adapters off inside, back on (and trainable) after."""
-    model.disable_adapters()
-    try:
-        yield
-    finally:
-        model.enable_adapters()
 
 
 class GRPO(PolicyGradient):
