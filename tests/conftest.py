@@ -1,4 +1,5 @@
-"""Test-wide setup: no network, empty weight caches, GPU tests skipped on CPU machines."""
+"""Test-wide setup: no network, empty weight caches, one share of the cores per xdist worker, GPU tests skipped on
+CPU machines."""
 
 import os
 import tempfile
@@ -9,9 +10,17 @@ _CACHE = tempfile.mkdtemp(prefix="draft-test-cache-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = os.path.join(_CACHE, "hf")
 os.environ["TORCH_HOME"] = os.path.join(_CACHE, "torch")
+# pytest-xdist runs one worker per core (`-n auto` in pyproject.toml): each worker, and the processes its tests start,
+# gets its share of the cores, instead of every worker's torch starting one thread per core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if _WORKERS > 1:  # in case a plugin imported torch before this file
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REFERENCE_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "weights"
 
