@@ -44,9 +44,11 @@ VARIANTS = {
     "eager-attention": {"attention": "eager"},
     "compiled-prefix": {"compile_prefix": True},
     "chunked-1": {"grad_chunk_size": 1},
+    "anchored": {"anchor_weight": 0.1},
 }
 """TrainConfig changes against the plain path (SDPA attention, contiguous, eager prefix, whole-batch backward):
-the speed options, and what chunking (a memory option) costs in time."""
+the speed options, and what chunking (a memory option) and the anchor penalty (one more no-grad denoiser call per
+grad step, ``--anchor-weight``) cost in time."""
 
 
 def describe_device(device: torch.device) -> str:
