@@ -29,7 +29,7 @@ TYPICAL_REWARDS = {
         {"objective": "size"},
     ],
     "shapes-judge-match": [{}],
-    "shapes-geometry": [{"objective": o} for o in ("size", "count", "background", "match")],
+    "shapes-geometry": [{"objective": o} for o in ("size", "area", "count", "background", "match")],
 }
 """The rewards (and options) whose typical range is measured: a colour or kind with one target, as for ``shapes``."""
 
@@ -67,11 +67,14 @@ def agreement(images: torch.Tensor, prompts: Sequence[str]) -> dict[str, dict[st
         for b in names[i + 1 :]:
             same = {name: read[a][name] == read[b][name] for name in targets}
             sizes = torch.stack([read[a]["size"], read[b]["size"]])
+            counted = same["count"]  # touching shapes that one reader counts as one have another size per shape
             result[f"{a} vs {b}"] = {
                 "same_reading": torch.stack(list(same.values())).all(0).float().mean().item(),
                 **{f"same_{name}": hit.float().mean().item() for name, hit in same.items()},
                 "size_correlation": torch.corrcoef(sizes)[0, 1].item(),
                 "size_mean_abs_difference": (sizes[0] - sizes[1]).abs().mean().item(),
+                "size_correlation_same_count": torch.corrcoef(sizes[:, counted])[0, 1].item(),
+                "size_mean_abs_difference_same_count": (sizes[0] - sizes[1])[counted].abs().mean().item(),
             }
     return result
 

@@ -2,6 +2,7 @@
 ``shapes`` classifier) and the learning-free ``shapes-geometry`` measurement (exact on clean renders)."""
 
 import json
+import math
 import random
 
 import pytest
@@ -17,11 +18,11 @@ from rewards.__main__ import main
 from rewards.shapes import ShapesClassifier, ShapesJudge, measure, render, sample_batch
 from rewards.shapes.geometry import FOREGROUND_DISTANCE
 from rewards.shapes.judge import JUDGE_WEIGHTS_FILE
-from rewards.shapes.world import BACKGROUND_RANGE, COLORS, SHAPES, Scene, caption, sample_scene
+from rewards.shapes.world import BACKGROUND_RANGE, COLORS, SHAPES, Scene, caption, radius, sample_scene
 
-JUDGE_FLOOR = 0.95
-"""Least share of fresh scenes (count, colour and kind all right) the shipped judge must read; it measured
-{accuracy} on its own held-out scenes (judge.provenance.json)."""
+JUDGE_FLOOR = 0.97
+"""Least share of fresh scenes (count, colour and kind all right) the shipped judge must read; it read 100% of
+1,000 held-out scenes of its own stream, clean and degraded (judge.provenance.json)."""
 
 
 @pytest.fixture(scope="module")
@@ -91,26 +92,39 @@ def scene(count, color, shape, size, background, centers):
     return Scene(count, color, shape, size, background, tuple(centers))
 
 
-SIZE_TOLERANCE = 0.01
-"""Largest error of the measured size on clean renders (in the world's normalised size, 0 to 1); the measured
-worst is about 0.005 (the renderer's 4x supersampling)."""
+SIZE_TOLERANCE = {32: 0.05, 128: 0.012}
+"""Largest error of the measured size on clean renders, by render resolution (in the world's normalised size, 0
+to 1). The renderer's coverage comes from 4x4 supersamples, in steps of 1/16 that err alike along a straight
+edge: an axis-aligned square's area is off by up to about 2 pixels at 32 px (measured worst of 1,000 scenes:
+0.042; circles 0.009, triangles 0.018); rendered at 128 px and box-filtered to 32 px, 16x16 supersamples
+(measured worst 0.0093)."""
 
 
 @pytest.mark.parametrize("resolution", [32, 128])
 def test_geometry_is_exact_on_clean_renders(resolution):
-    """Count, colour, kind and background exact, size within :data:`SIZE_TOLERANCE`, on 400 random scenes (10%
-    empty) rendered at 32 px and at 128 px (box-filtered to 32 px inside)."""
+    """Colour and background exact, kind exact and size within :data:`SIZE_TOLERANCE` where the count is, on 400
+    random scenes (10% empty) rendered at 32 px and at 128 px (box-filtered to 32 px inside). The count is exact but
+    where triangles touch: the world places shapes more than 2.6 radii apart, and two upright triangles side by
+    side need their side, 2.69 radii, not to touch, so they can form one component (here 1 scene of 400 at 32 px,
+    6 at 128 px)."""
     rng = random.Random(f"tests/geometry/{resolution}")
     scenes = [sample_scene(rng, count=0 if rng.random() < 0.1 else None) for _ in range(400)]
     images = torch.stack([render(s, resolution) for s in scenes])
     measured = measure(images)
-    present = torch.tensor([s.count > 0 for s in scenes])
-    assert measured.count.tolist() == [s.count for s in scenes]
+    counts = torch.tensor([s.count for s in scenes])
+    merged = (measured.count != counts).nonzero()[:, 0].tolist()
+    assert len(merged) <= 8
+    for i in merged:
+        gap = min(math.dist(a, b) for j, a in enumerate(scenes[i].centers) for b in scenes[i].centers[j + 1 :])
+        assert scenes[i].shape == "triangle" and 0 < measured.count[i] < scenes[i].count
+        assert gap < 2.7 * radius(scenes[i].size)
+    present = counts > 0
+    counted = present & (measured.count == counts)  # the kind and size of two merged triangles are another's
     assert measured.color[present].tolist() == [list(COLORS).index(s.color) for s in scenes if s.count]
-    assert measured.shape[present].tolist() == [SHAPES.index(s.shape) for s in scenes if s.count]
+    assert measured.shape[counted].tolist() == [SHAPES.index(s.shape) for s, c in zip(scenes, counted, strict=True) if c]
     assert (measured.color[~present] == -1).all() and (measured.shape[~present] == -1).all()
     sizes = torch.tensor([s.size for s in scenes])
-    assert (measured.size - sizes)[present].abs().max() < SIZE_TOLERANCE
+    assert (measured.size - sizes)[counted].abs().max() < SIZE_TOLERANCE[resolution]
     assert torch.allclose(measured.background, torch.tensor([s.background for s in scenes]), atol=1e-5)
 
 
@@ -126,7 +140,8 @@ def test_geometry_objectives():
         [render(scene(2, "blue", "triangle", s, 0.3, [(0.3, 0.3), (0.7, 0.7)])) for s in (0.1, 0.5, 0.8)]
     )
     size = get_reward("shapes-geometry")
-    assert size.objective == "size" and torch.allclose(size(images), torch.tensor([0.1, 0.5, 0.8]), atol=SIZE_TOLERANCE)
+    assert size.objective == "size"
+    assert torch.allclose(size(images), torch.tensor([0.1, 0.5, 0.8]), atol=SIZE_TOLERANCE[32])
     assert get_reward("shapes-geometry", objective="count")(images).tolist() == [2.0] * 3
     assert torch.allclose(get_reward("shapes-geometry", objective="background")(images), torch.tensor(0.3))
     match = get_reward("shapes-geometry", objective="match")
@@ -154,7 +169,7 @@ def test_world_judges_are_the_independent_ones(fresh):
     present = fresh.count > 0
     images, captions = fresh.images[present], [c for c, p in zip(fresh.captions, present, strict=True) if p]
     assert judges["shapes-judge-match"](images, captions).mean() >= JUDGE_FLOOR
-    assert (judges["shapes-geometry"](images) - fresh.size[present]).abs().max() < SIZE_TOLERANCE
+    assert (judges["shapes-geometry"](images) - fresh.size[present]).abs().max() < SIZE_TOLERANCE[32]
 
 
 def test_list_shows_them(capsys):
