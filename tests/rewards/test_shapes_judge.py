@@ -121,7 +121,8 @@ def test_geometry_is_exact_on_clean_renders(resolution):
     present = counts > 0
     counted = present & (measured.count == counts)  # the kind and size of two merged triangles are another's
     assert measured.color[present].tolist() == [list(COLORS).index(s.color) for s in scenes if s.count]
-    assert measured.shape[counted].tolist() == [SHAPES.index(s.shape) for s, c in zip(scenes, counted, strict=True) if c]
+    kinds = [SHAPES.index(s.shape) for s, c in zip(scenes, counted, strict=True) if c]
+    assert measured.shape[counted].tolist() == kinds
     assert (measured.color[~present] == -1).all() and (measured.shape[~present] == -1).all()
     sizes = torch.tensor([s.size for s in scenes])
     assert (measured.size - sizes)[counted].abs().max() < SIZE_TOLERANCE[resolution]
