@@ -5,6 +5,9 @@ shape count (0-3), colour, kind and size. Its outputs give the world's objective
 object addition and removal (expected count up or down), a target colour or kind, bigger or smaller shapes, and
 agreement with the prompt (log-probability of the caption's count, colour and kind). ``shapes-match`` is the hard
 form of that agreement: 1 if the classifier's reading matches the caption exactly, else 0 (not differentiable).
+The objectives are written once (:class:`ShapesReward`) for any network that reads a :class:`Prediction`; a
+:class:`Reader` names one such network and its shipped weights (this classifier, and the independent judge of
+``rewards.shapes.judge``).
 """
 
 from __future__ import annotations
