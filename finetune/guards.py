@@ -25,9 +25,11 @@ from finetune.lora import adapters_disabled
 PREFERENCE_REWARDS = ("aesthetic", "hpsv2.1", "imagereward", "pickscore")
 """The zoo's learned human-preference rewards: the default judges of a run on a real model (those whose weights
 are available; the training reward's own members are left out, its held-out score is logged as ``eval_reward``)."""
-WORLD_JUDGES = ("shapes-match",)
-"""Default judge in the embedded world: the share of held-out images whose count, colour and kind the world's
-classifier reads as their prompt says (prompt agreement)."""
+WORLD_JUDGES = ("shapes-judge-match", "shapes-geometry")
+"""Default judges in the embedded world, both independent of the ``shapes`` classifier that world rewards train
+on: prompt agreement read by the independent judge (``shapes-judge-match``: another network trained with
+another seed on other scenes), and the shapes' size measured with no learned parts (``shapes-geometry``, by
+segmentation against the background)."""
 JUDGE_PREFIX = "judge/"
 """Metric key prefix of a judge's mean held-out score (``judge/aesthetic``)."""
 NO_JUDGES = ("none",)

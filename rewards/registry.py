@@ -56,6 +56,8 @@ BUILTIN_MEMBERS = (
     "pickscore",
     "resnet",
     "shapes.classifier",
+    "shapes.geometry",
+    "shapes.judge",
     "simple",
     "yolo",
 )

@@ -1,4 +1,5 @@
-"""The embedded shapes world (procedural images and captions) and its classifier reward ``shapes``.
+"""The embedded shapes world (procedural images and captions), its classifier reward ``shapes``, the independent
+judge ``shapes-judge`` and the learning-free measurement ``shapes-geometry``.
 
 Names are imported on first use (PEP 562): the world's captions do not load the classifier's dependencies.
 """
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rewards.shapes.classifier import Prediction, ShapesClassifier, ShapesReward, prompt_agreement
+    from rewards.shapes.geometry import Measurement, measure
+    from rewards.shapes.judge import ShapesJudge
     from rewards.shapes.world import (
         COLORS,
         RESOLUTION,
@@ -29,16 +32,21 @@ _EXPORTS = {
         ("COLORS", "RESOLUTION", "SHAPES", "Scene", "all_captions", "parse_caption", "render", "sample_batch"),
         "rewards.shapes.world",
     ),
+    **dict.fromkeys(("Measurement", "measure"), "rewards.shapes.geometry"),
+    "ShapesJudge": "rewards.shapes.judge",
 }
 __all__ = [
     "COLORS",
     "RESOLUTION",
     "SHAPES",
+    "Measurement",
     "Prediction",
     "Scene",
     "ShapesClassifier",
+    "ShapesJudge",
     "ShapesReward",
     "all_captions",
+    "measure",
     "parse_caption",
     "prompt_agreement",
     "render",

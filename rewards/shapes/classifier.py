@@ -5,10 +5,14 @@ shape count (0-3), colour, kind and size. Its outputs give the world's objective
 object addition and removal (expected count up or down), a target colour or kind, bigger or smaller shapes, and
 agreement with the prompt (log-probability of the caption's count, colour and kind). ``shapes-match`` is the hard
 form of that agreement: 1 if the classifier's reading matches the caption exactly, else 0 (not differentiable).
+The objectives are written once (:class:`ShapesReward`) for any network that reads a :class:`Prediction`; a
+:class:`Reader` names one such network and its shipped weights (this classifier, and the independent judge of
+``rewards.shapes.judge``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,12 +140,20 @@ def prompt_agreement(prediction: Prediction, prompts: list[str]) -> torch.Tensor
 
 
 class ShapesReward(Reward):
-    """One objective read off :class:`ShapesClassifier`; see :func:`shapes` for the options."""
+    """One objective read off a shapes-world classifier (:class:`ShapesClassifier`, or any module that maps images
+    to a :class:`Prediction` and has an ``embed``); see :func:`shapes` for the options."""
 
     name = "shapes"
     input_size = RESOLUTION
 
-    def __init__(self, classifier: ShapesClassifier, objective: str, target: str | None, sign: float) -> None:
+    def __init__(
+        self,
+        classifier: nn.Module,
+        objective: str,
+        target: str | None,
+        sign: float,
+        typical: Mapping[str, tuple[tuple[float, float], tuple[float, float]]],
+    ) -> None:
         super().__init__()
         self.classifier = classifier
         self.objective = objective
@@ -151,7 +163,7 @@ class ShapesReward(Reward):
         self.differentiable = objective != MATCH
         self.sign = sign
         self.target = target
-        self.typical_range, self.normalization = TYPICAL[objective]
+        self.typical_range, self.normalization = typical[objective]
         self.freeze()
 
     def score_encoded(self, images: torch.Tensor, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -177,7 +189,7 @@ class ShapesReward(Reward):
         return prediction.shape[:, SHAPES.index(self.target)]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """The classifier's pooled image features (the embedded world's feature space for diversity)."""
+        """The classifier's image features (the embedded world's feature space for diversity)."""
         return self.classifier.embed(images)
 
     def extra_repr(self) -> str:
@@ -185,7 +197,71 @@ class ShapesReward(Reward):
         return f"objective={self.objective!r}{target}, sign={self.sign:+g}"
 
 
-TYPICAL: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+Typical = Mapping[str, tuple[tuple[float, float], tuple[float, float]]]
+"""Per objective: (typical range, (mean, std) normalisation)."""
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A shapes-world classifier behind a pair of rewards (``NAME`` with the objectives, ``NAME-match``): its
+    architecture, its shipped weights, the command that rebuilds them and its typical scores per objective. The
+    objectives themselves (:class:`ShapesReward`) are shared by every reader."""
+
+    model: Callable[[], nn.Module]
+    weights_file: Path
+    command: str
+    typical: Typical
+
+    def load(self, name: str, pretrained: bool, weights: dict[str, WeightsArg] | None) -> nn.Module:
+        """The shipped weights, an override, or random weights, for the reward ``name``."""
+        override = (weights or {}).get(MAIN)
+        if pretrained and override is None:
+            if not self.weights_file.exists():
+                raise FileNotFoundError(
+                    f"the shipped weights of '{name}', {self.weights_file}, are missing; reinstall the package or "
+                    f"regenerate them with `{self.command}`"
+                )
+            override = self.weights_file
+        return load_component(
+            self.model(), reward=name, component=MAIN, source=WeightSource(), pretrained=pretrained, override=override
+        )
+
+    def reward(
+        self,
+        name: str,
+        pretrained: bool,
+        weights: dict[str, WeightsArg] | None,
+        objective: str | None,
+        mode: str | None,
+        target: str | None,
+    ) -> ShapesReward:
+        """The reward ``name`` with one objective, its options checked (see :func:`shapes`)."""
+        if objective not in OBJECTIVES:
+            raise ValueError(
+                f"{name} needs {hints.option('objective')} one of {OBJECTIVES} (e.g. "
+                f"{hints.options(objective='count', mode='remove')} to empty a scene); got {objective!r}"
+            )
+        modes = MODES.get(objective, (None,))
+        mode = modes[0] if mode is None else mode
+        if mode not in modes:
+            raise ValueError(f"objective {objective!r} takes {hints.option('mode')} one of {modes}; got {mode!r}")
+        choices = {"color": tuple(COLORS), "shape": SHAPES}.get(objective)
+        if choices is not None and target not in choices:
+            raise ValueError(
+                f"objective {objective!r} needs {hints.option('target')} one of {choices}, e.g. "
+                f"{hints.options(target=choices[0])}; got {target!r}"
+            )
+        if choices is None and target is not None:
+            raise ValueError(f"objective {objective!r} takes no target (only 'color' and 'shape' do)")
+        sign = -1.0 if mode in ("remove", "shrink") else 1.0
+        return ShapesReward(self.load(name, pretrained, weights), objective, target, sign, self.typical)
+
+    def match(self, name: str, pretrained: bool, weights: dict[str, WeightsArg] | None) -> ShapesReward:
+        """The hard prompt agreement ``name`` (not differentiable)."""
+        return ShapesReward(self.load(name, pretrained, weights), MATCH, None, 1.0, self.typical)
+
+
+TYPICAL: Typical = {
     # objective: (typical range, (mean, std) normalisation), measured on the shipped pipeline's samples of all 36
     # captions x 8 seeds (the 5th-95th percentiles; color and shape with one target, a third or a quarter match).
     "prompt": ((-1.5, 0.0), (-0.24, 0.57)),
@@ -195,6 +271,8 @@ TYPICAL: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "size": ((0.12, 0.79), (0.42, 0.21)),
     MATCH: ((0.0, 1.0), (0.92, 0.27)),  # the share of samples read as their caption, and its spread
 }
+CLASSIFIER = Reader(ShapesClassifier, WEIGHTS_FILE, "python -m finetune.world.train classifier", TYPICAL)
+"""The ``shapes`` and ``shapes-match`` rewards' classifier."""
 
 
 @register_reward("shapes", components=(MAIN,))
@@ -206,48 +284,10 @@ def shapes(
     target: str | None = None,
 ) -> Reward:
     """Embedded shapes-world classifier: prompt agreement, add/remove shapes, colour, kind or size (no download)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(
-            f"shapes needs {hints.option('objective')} one of {OBJECTIVES} (e.g. "
-            f"{hints.options(objective='count', mode='remove')} to empty a scene); got {objective!r}"
-        )
-    modes = MODES.get(objective, (None,))
-    mode = modes[0] if mode is None else mode
-    if mode not in modes:
-        raise ValueError(f"objective {objective!r} takes {hints.option('mode')} one of {modes}; got {mode!r}")
-    choices = {"color": tuple(COLORS), "shape": SHAPES}.get(objective)
-    if choices is not None and target not in choices:
-        raise ValueError(
-            f"objective {objective!r} needs {hints.option('target')} one of {choices}, e.g. "
-            f"{hints.options(target=choices[0])}; got {target!r}"
-        )
-    if choices is None and target is not None:
-        raise ValueError(f"objective {objective!r} takes no target (only 'color' and 'shape' do)")
-    sign = -1.0 if mode in ("remove", "shrink") else 1.0
-    return ShapesReward(load_classifier("shapes", pretrained, weights), objective, target, sign)
+    return CLASSIFIER.reward("shapes", pretrained, weights, objective, mode, target)
 
 
 @register_reward("shapes-match", components=(MAIN,), differentiable=False)
 def shapes_match(pretrained: bool = True, weights: dict[str, WeightsArg] | None = None) -> Reward:
     """Embedded shapes-world classifier: 1 if its reading (count, colour, kind) is exactly the prompt's, else 0."""
-    return ShapesReward(load_classifier("shapes-match", pretrained, weights), MATCH, None, 1.0)
-
-
-def load_classifier(name: str, pretrained: bool, weights: dict[str, WeightsArg] | None) -> ShapesClassifier:
-    """The shipped classifier (:data:`WEIGHTS_FILE`), an override, or random weights, for the reward ``name``."""
-    override = (weights or {}).get(MAIN)
-    if pretrained and override is None:
-        if not WEIGHTS_FILE.exists():
-            raise FileNotFoundError(
-                f"the shipped shapes classifier {WEIGHTS_FILE} is missing; reinstall the package or regenerate it "
-                f"with `python -m finetune.world.train classifier`"
-            )
-        override = WEIGHTS_FILE
-    return load_component(
-        ShapesClassifier(),
-        reward=name,
-        component=MAIN,
-        source=WeightSource(),
-        pretrained=pretrained,
-        override=override,
-    )
+    return CLASSIFIER.match("shapes-match", pretrained, weights)

@@ -82,6 +82,18 @@ def radius(size: float) -> float:
     return low + size * (high - low)
 
 
+def shape_area(size: float) -> float:
+    """Area of one shape as a fraction of the image's area: every kind has the circle's, ``pi * radius(size)**2``."""
+    return math.pi * radius(size) ** 2
+
+
+def size_from_area(area: torch.Tensor) -> torch.Tensor:
+    """The normalised size (the inverse of :func:`shape_area`) of shapes covering ``area``, a fraction of the image's
+    area; not clamped, so an area outside the world's range gives a size outside [0, 1] (area 0 gives the least)."""
+    low, high = SIZE_RANGE
+    return ((area.clamp_min(0) / math.pi).sqrt() - low) / (high - low)
+
+
 def shape_mask(shape: str, center: tuple[float, float], r: float, resolution: int) -> torch.Tensor:
     """Anti-aliased coverage in [0, 1] of one shape, shape (H, W); coordinates are fractions of the side."""
     n = resolution * SUPERSAMPLE
@@ -103,6 +115,13 @@ def shape_mask(shape: str, center: tuple[float, float], r: float, resolution: in
     else:
         raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
     return F.avg_pool2d(inside.float()[None, None], SUPERSAMPLE)[0, 0]
+
+
+KIND_STATISTICS = {"circle": (0.0, math.pi / 4), "square": (0.0, 1.0), "triangle": (-2 * math.sqrt(2) / 5, 0.5)}
+"""Two statistics of each kind as :func:`shape_mask` draws it, neither depending on size or position: the vertical
+skewness of its area (0 for the symmetric circle and square; the upright triangle's area grows linearly towards its
+base, below: -2 sqrt(2) / 5), and its chord fill ratio, area / (longest vertical chord x longest horizontal chord)
+(the circle's pi r^2 / (2r)^2, the axis-aligned square's 1, the triangle's (side x height / 2) / (height x side))."""
 
 
 def sample_scene(

@@ -74,7 +74,7 @@ def test_judges_from_config_and_defaults():
     assert list(built) == ["brightness", "contrast=1,saturation=0.5"]
     assert build_judges(["none"]) == {}
     assert default_eval_rewards("aesthetic", world=False) == ("hpsv2.1", "imagereward", "pickscore")
-    assert default_eval_rewards("shapes", world=True) == ("shapes-match",)
+    assert default_eval_rewards("shapes", world=True) == ("shapes-judge-match", "shapes-geometry")
     with pytest.raises(ValueError, match="unknown reward 'aesthetik'"):
         build_judges(["aesthetik"])
 
@@ -278,7 +278,7 @@ def test_cli_default_judges(tiny_model_dir):
     from finetune.__main__ import build_cli_judges, config_from_args
 
     world = config_from_args(build_parser().parse_args(["train", "--model", "world"]))
-    assert list(build_cli_judges(world)) == ["shapes-match"]
+    assert list(build_cli_judges(world)) == ["shapes-judge-match", "shapes-geometry"]
     real = TrainConfig(model=str(tiny_model_dir), reward="aesthetic")
     with pytest.warns(UserWarning) as caught:  # offline, empty caches: no preference reward's weights are here
         assert build_cli_judges(real) == {}

@@ -14,17 +14,21 @@ REQUIRED_OPTIONS = {
     "owlvit": {"query": "a strawberry"},
     "owlvit-count": {"query": "a strawberry"},
     "shapes": {"objective": "count"},
+    "shapes-judge": {"objective": "count"},
+    # Noise has no shapes to measure (every noise image reads as count 0, size of area 0); its background differs.
+    "shapes-geometry": {"objective": "background"},
     # Random weights (yolo.reinitialise, seeded) score every box near 0.51, most with class 36 as their best: at
     # the default threshold every image has the 300 detections the postprocess keeps at most, all alike.
     "yolo-count": {"target": 36, "threshold": 0.515},
 }
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse", "a red car"]
-CAPTION_READERS = {"shapes-match"}
+CAPTION_READERS = {"shapes-match", "shapes-judge-match"}
 """Rewards that read shapes-world captions, not free text."""
-HARD = {"owlvit-count", "yolo-count", "shapes-match"}
+HARD = {"owlvit-count", "yolo-count", "shapes-match", "shapes-judge-match"}
 """Counts of boxes above a threshold and exact matches of an argmax: a 16-bit rounding that moves one box across
 the threshold (or flips a near tie) changes the score by a whole unit, so their 16-bit scores are not compared with
-float32 ones; their models' 16-bit error is bounded on the soft variants (``owlvit``, ``yolo``, ``shapes``)."""
+float32 ones; their models' 16-bit error is bounded on the soft variants (``owlvit``, ``yolo``, ``shapes``,
+``shapes-judge``)."""
 PRECISION_TOLERANCE = {torch.bfloat16: 0.25, torch.float16: 0.05}
 """Largest change of a score in 16-bit precision (weights or autocast) against float32, as a fraction of the
 reward's typical spread (the width of its ``typical_range``, from its model card). Worst measured on the tiny
@@ -72,9 +76,9 @@ def images(n=3, h=64, w=80):
 
 
 def prompts_for(name, reward, x):
-    """One prompt per image that the reward reads. For ``shapes-match``: the caption of the classifier's reading of
-    the first image, then another caption (a random classifier reads noise images alike), so that the first image
-    scores 1 and the others 0."""
+    """One prompt per image that the reward reads. For :data:`CAPTION_READERS`: the caption of the classifier's
+    reading of the first image, then another caption (a random classifier reads noise images alike), so that the
+    first image scores 1 and the others 0."""
     if name not in CAPTION_READERS:
         return PROMPTS[: len(x)]
     with torch.no_grad():

@@ -32,6 +32,7 @@ EXPORTABLE = {
     "resnet50": {"target": "cat"},
     "saturation": {},
     "shapes": {"objective": "size"},
+    "shapes-judge": {"objective": "size"},
     "target-color": {"color": "orange"},
     "yolo": {"target": "person"},
 }
@@ -42,15 +43,17 @@ PROMPTED = {
     "imagereward": {"tiny": True},
     "pickscore": {"tiny": True},
     "shapes": {"objective": "prompt"},
+    "shapes-judge": {"objective": "prompt"},
 }
 """One build of each reward that reads prompts."""
 UNEXPORTABLE = {
     "jpeg-compressibility": "encodes images with PIL",
     "jpeg-incompressibility": "encodes images with PIL",
+    "shapes-geometry": "labels connected components in a loop",
     "yolo-count": "non-maximum suppression, whose output size depends on the data",
 }
 """Rewards whose scoring leaves torch's graph, and the reason their export error gives."""
-SEPARATE = {"shapes-match"}
+SEPARATE = {"shapes-match", "shapes-judge-match"}
 """Rewards with an export test of their own below."""
 PROMPTS = [
     "a photo of a cat",
@@ -100,10 +103,11 @@ def test_rewards_outside_torch_say_they_have_no_graph(name, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_shapes_match_export_is_exact(tmp_path):
-    """The hard prompt agreement exports (argmax and comparisons); with the shipped classifier on world scenes,
-    true and altered captions give both values, which the graph reproduces exactly."""
-    reward = get_reward("shapes-match")
+@pytest.mark.parametrize("name", sorted(SEPARATE))
+def test_shapes_match_export_is_exact(tmp_path, name):
+    """The hard prompt agreement exports (argmax and comparisons); with the shipped classifier (or judge) on world
+    scenes, true and altered captions give both values, which the graph reproduces exactly."""
+    reward = get_reward(name)
     graph = OnnxReward(export_onnx(reward, tmp_path / "match.onnx"))
     assert graph.image_size == (32, 32) and graph.prompt_inputs == ["count", "color", "shape"]
     batch = sample_batch(6, random.Random(0))
@@ -117,7 +121,7 @@ def test_shapes_match_export_is_exact(tmp_path):
 
 def prompts_for(reward, n):
     """``n`` prompts the reward accepts, all different for n <= 5."""
-    pool = CAPTIONS if reward.name == "shapes" else PROMPTS
+    pool = CAPTIONS if reward.name.startswith("shapes") else PROMPTS
     return [pool[i % len(pool)] for i in range(n)]
 
 
@@ -149,7 +153,7 @@ def test_prompt_reward_export_matches_torch_at_any_batch(name, tmp_path):
 def test_prompt_processors_round_trip_through_json(name):
     processor = get_reward(name, pretrained=False, **PROMPTED[name]).prompt_processor
     rebuilt = processor_from_json(json.loads(json.dumps(processor_to_json(processor))))
-    prompts = CAPTIONS if name == "shapes" else PROMPTS
+    prompts = CAPTIONS if name.startswith("shapes") else PROMPTS
     expected = processor(prompts)
     got = rebuilt(prompts)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
