@@ -5,8 +5,8 @@ common face of reward hacking) scores near 0.
 Feature spaces, best first (:func:`feature_space`):
 
 * a reward's image embedding (``reward.embed(images)``): CLIP ViT-L/14 for ``aesthetic`` (on real models), the
-  shapes classifier's pooled features for ``shapes`` and ``shapes-match`` (the embedded world). Distance: cosine
-  distance ``1 - cos`` (0 to 2).
+  world classifiers' features for ``shapes``/``shapes-match`` and ``shapes-judge``/``shapes-judge-match`` (the
+  embedded world; a run's default judge is the latter). Distance: cosine distance ``1 - cos`` (0 to 2).
 * pixels, the fallback when no reward in the run has an embedding: images area-resized to at most 64 x 64,
   distance = RMS difference per pixel channel (0 to 1). It sees layout and colour, not content.
 """
