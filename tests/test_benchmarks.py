@@ -97,9 +97,7 @@ def test_gpu_benchmark_refuses_an_unknown_prefix_variant():
 
 
 def test_step_breakdown_prints_every_phase():
-    out = run(
-        "step_breakdown.py", "--size", "tiny", "--steps", "3", "--repeats", "1", "--variants", "plain,anchored"
-    )
+    out = run("step_breakdown.py", "--size", "tiny", "--steps", "3", "--repeats", "1", "--variants", "plain,anchored")
     for phase in ("no-grad sampling", "grad steps forward", "decode", "reward", "grad steps backward", "optimizer"):
         assert re.search(rf"^\s*{re.escape(phase)}\s+\d+\.\d+", out, re.M), phase
     assert re.search(r"fraction of the FLOP floor: \d+\.\d%", out)
