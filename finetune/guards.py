@@ -159,6 +159,26 @@ class EarlyStopping:
         for name, p in params.items():
             p.copy_(self.best_state[name])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The tracking state for a checkpoint (the best parameters are saved apart: :attr:`best_state`)."""
+        return {
+            "metric": self.spec.metric_key(),
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_evaluations": self.bad_evaluations,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], best_state: Mapping[str, torch.Tensor] | None) -> None:
+        """Continue from a checkpoint's :meth:`state_dict` and best parameters (``--resume``)."""
+        if state["best_step"] is not None and best_state is None:
+            raise ValueError(
+                f"the checkpoint's early-stopping state names a best step ({state['best_step']}) but holds no best "
+                f"LoRA; the checkpoint is incomplete: resume from an earlier one or start afresh"
+            )
+        self.best, self.best_step = float(state["best"]), state["best_step"]
+        self.bad_evaluations = int(state["bad_evaluations"])
+        self.best_state = {name: t.clone() for name, t in (best_state or {}).items()}
+
     def summary(self, stopped_at: int) -> dict[str, Any]:
         """Metrics of the final record: which step's LoRA is kept, and why."""
         return {
@@ -217,6 +237,38 @@ class EvaluationGuards:
             spec = EarlyStopSpec.parse(early_stop)
             spec.check_available(list(self.judges))
             self.early_stopping = EarlyStopping(spec)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps so that a resumed run's guards continue where they were: the base model's
+        diversity and the early-stopping state (its best parameters: :meth:`best_parameters`)."""
+        state: dict[str, Any] = {"base_diversity": self.base_diversity}
+        if self.early_stopping is not None:
+            state["early_stop"] = self.early_stopping.state_dict()
+        return state
+
+    def best_parameters(self) -> dict[str, torch.Tensor] | None:
+        """The early-stopping copy of the best parameters, if there is one (saved beside the checkpoint's LoRA)."""
+        if self.early_stopping is None or self.early_stopping.best_step is None:
+            return None
+        return self.early_stopping.best_state
+
+    def load_state_dict(self, state: Mapping[str, Any], best_parameters: Mapping[str, torch.Tensor] | None) -> None:
+        """Continue from a checkpoint's :meth:`state_dict`. Early stopping restarts (with a warning) when the
+        checkpoint followed another metric or none."""
+        self.base_diversity = state.get("base_diversity")
+        if self.early_stopping is None:
+            return
+        saved = state.get("early_stop")
+        followed = self.early_stopping.spec.metric_key()
+        if saved is None or saved["metric"] != followed:
+            before = f"followed '{saved['metric']}'" if saved else "had no early stopping"
+            warnings.warn(
+                f"--resume: the checkpoint {before}; early stopping on '{followed}' starts afresh at the next "
+                f"evaluation",
+                stacklevel=2,
+            )
+            return
+        self.early_stopping.load_state_dict(saved, best_parameters)
 
     def metrics(self, images: torch.Tensor, seeds: int, judge_scores: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Judge means and the diversity (if there are 2 or more seeds) of one evaluation's images."""

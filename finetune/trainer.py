@@ -20,7 +20,13 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from finetune import distributed
-from finetune.checkpoint import latest_checkpoint, load_checkpoint, require_checkpoint, save_checkpoint
+from finetune.checkpoint import (
+    latest_checkpoint,
+    load_best_lora,
+    load_checkpoint,
+    require_checkpoint,
+    save_checkpoint,
+)
 from finetune.config import TrainConfig
 from finetune.guards import Anchor, EvaluationGuards, build_judges
 from finetune.interrupt import StopOnSignal, TrainingInterrupted
@@ -462,6 +468,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
+            "guards": self.guards.state_dict(),
         }
         if self.rl is not None:
             state["rl"] = self.rl.state_dict()
@@ -472,7 +479,13 @@ class Trainer:
         }
         lora = {name: p.detach() for name, p in self.named_params.items()}
         return save_checkpoint(
-            self.output_dir / "checkpoints", self.step, lora, state, meta, self.config.keep_checkpoints
+            self.output_dir / "checkpoints",
+            self.step,
+            lora,
+            state,
+            meta,
+            self.config.keep_checkpoints,
+            self.guards.best_parameters(),
         )
 
     def resume(self) -> Path:
@@ -492,6 +505,7 @@ class Trainer:
         self.generator.set_state(state["generator"])
         if self.rl is not None:
             self.rl.load_state_dict(state.get("rl", {}))
+        self.guards.load_state_dict(state.get("guards", {}), load_best_lora(path))
         self.step = meta["step"]
         self.images_seen = meta["images_seen"]
         self.reward_queries = meta["reward_queries"]

@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 
 from compose import load_lora
 from finetune.__main__ import build_parser
-from finetune.demo import OBJECTIVES, Demo, DemoConfig, report, run_demo
+from finetune.demo import DEMO_JUDGES, OBJECTIVES, STORY, Demo, DemoConfig, report, run_demo
 from finetune.world import split_prompts
 from finetune.world.pipeline import load_world_pipeline
 from tests.browser import assert_renders
@@ -32,7 +33,8 @@ def test_prompts_are_held_out():
 
 def test_images_decode(demo):
     out, _ = demo
-    names = ["grid_base", "grid_mixed", "mixing_grid", "reward_curve"] + [f"grid_{o.name}" for o in OBJECTIVES]
+    names = ["grid_base", "grid_mixed", "mixing_grid", "reward_curve", "overoptimisation"]
+    names += [f"grid_{label}" for label in (*(o.name for o in OBJECTIVES), *STORY)]
     for name in names:
         with Image.open(out / f"{name}.png") as image:
             image.load()
@@ -66,21 +68,57 @@ def test_loras_load_in_both_formats(demo):
 def test_metrics_and_report(demo):
     out, summary = demo
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["run"] for r in rows} == {o.name for o in OBJECTIVES}
-    assert all("reward" in r for r in rows if r["step"] > 0)
+    assert {r["run"] for r in rows} == {o.name for o in OBJECTIVES} | set(STORY)
+    assert all("reward" in r for r in rows if r["step"] > 0 and "early_stop_metric" not in r)
     assert len(summary["mixing"]["cells"]) == 9
     report = (out / "report.md").read_text()
     assert "| base model |" in report and "prompt agreement" in report and "| +1.5 |" in report
     assert json.loads((out / "summary.json").read_text())["base"] == summary["base"]
+    judges = [f"judge/{name}" for name in DEMO_JUDGES]
+    assert all(key in summary[label] for key in judges for label in ("base", *(o.name for o in OBJECTIVES)))
+
+
+def test_overoptimisation_story(demo):
+    """The story's runs follow the config (story lr; 2/5 of the steps, at least 1; early stopping on the first
+    judge only in the guarded run) and their numbers reach report.md: the table rows and the step early stopping
+    kept."""
+    out, summary = demo
+    story = summary["story"]
+    assert story["steps"] == 1 and story["lr"] == DemoConfig.story_lr
+    for run in STORY:
+        settings = yaml.safe_load((out / run / "training_config.yaml").read_text())
+        assert settings["lr"] == story["lr"] and settings["steps"] == 1
+        assert settings["early_stop"] == (f"judge={DEMO_JUDGES[0]},patience=2,drop=0.02" if run == "guarded" else None)
+    final = json.loads((out / "guarded" / "metrics.jsonl").read_text().splitlines()[-1])
+    guarded = story["guarded"]
+    assert final["early_stop_metric"] == f"judge/{DEMO_JUDGES[0]}" and final["best_step"] == guarded["kept_step"]
+    text = (out / "report.md").read_text()
+    assert "## Over-optimisation" in text and f"| guarded (kept step {guarded['kept_step']}) |" in text
+    assert f"| hacked (step 1) | {story['hacked']['bigger']:.3f} |" in text
+
+
+def test_story_verdicts_follow_the_numbers(demo):
+    """The sentences under the story's table say 'rose' or 'fell' as the measured numbers do."""
+    _, summary = demo
+    config = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()})
+    base = {**summary["base"], "bigger": 0.4, "diversity": 0.3, f"judge/{DEMO_JUDGES[0]}": 0.9}
+    hacked = {**summary["story"]["hacked"], "bigger": 0.8, "diversity": 0.1, f"judge/{DEMO_JUDGES[0]}": 0.5}
+    story = {**summary["story"], "hacked": hacked}
+    text = report({**summary, "base": base, "story": story}, config)
+    line = next(x for x in text.splitlines() if x.startswith("- hacked against the base model"))
+    assert "bigger 0.400 -> 0.800 (rose)" in line and "diversity 0.300 -> 0.100 (fell)" in line
+    assert f"judge/{DEMO_JUDGES[0]} 0.900 -> 0.500 (fell)" in line
 
 
 def test_html_report_renders_in_chromium(demo, tmp_path):
-    """Every held-out prompt's images from the base model, each LoRA and the mix (12 x 4), the curves and the
-    mixing grid load; no console error, nothing fetched; each prompt is written on the page."""
+    """Every held-out prompt's images from the base model, each LoRA, the mix and the story's two runs (12 x 6), the
+    curves, the story's plot and the mixing grid load; no console error, nothing fetched; each prompt is written on
+    the page."""
     out, summary = demo
-    page = assert_renders(out / "report.html", tmp_path / "demo-report.png", min_images=12 * 4 + 2)
+    page = assert_renders(out / "report.html", tmp_path / "demo-report.png", min_images=12 * 6 + 3)
     assert all(prompt in page.text for prompt in summary["held_out_prompts"])
     assert "prompt agreement" in page.text and page.title.startswith("DRaFT demo")
+    assert "Over-optimisation" in page.text and f"judge/{DEMO_JUDGES[0]}" in page.text
 
 
 def test_a_failed_plot_keeps_the_finished_work(demo, tmp_path, capsys):

@@ -186,6 +186,38 @@ def test_early_stopping_restores_the_best_lora_bit_for_bit(tiny_model_dir, tiny_
     assert_renders(trainer.output_dir / "report.html", min_images=2 * len(trainer.eval_prompts) + 1)
 
 
+def test_early_stopping_survives_resume(tiny_model_dir, tiny_config, tmp_path):
+    """A run stopped at step 2 (mid-way through its patience, its best LoRA an earlier one) and resumed ends with the
+    final LoRA, the early-stopping summary and the evaluations (diversity ratio included) of an uninterrupted run."""
+    config = tiny_config.replace(
+        steps=6, eval_every=1, checkpoint_every=2, eval_seeds=(0, 1), early_stop="judge=less contrast,patience=3"
+    )
+
+    def run(config):
+        judges = {"less contrast": -1 * get_reward("contrast")}
+        trainer = Trainer(
+            load_pipeline(tiny_model_dir), get_reward("contrast"), config, eval_prompts=EVAL_PROMPTS, judges=judges
+        )
+        trainer.train()
+        lines = [json.loads(x) for x in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+        return trainer, [{k: v for k, v in line.items() if k != "sec_per_step"} for line in lines]
+
+    straight, straight_lines = run(config.replace(output_dir=str(tmp_path / "straight")))
+    first = config.replace(steps=2, output_dir=str(tmp_path / "resumed"))
+    stopped, _ = run(first)
+    assert stopped.guards.early_stopping.bad_evaluations > 0 and stopped.guards.early_stopping.best_step < 2
+    resumed, resumed_lines = run(first.replace(steps=6, resume=True))
+
+    summary = straight_lines[-1]
+    assert summary["early_stopped"] and 2 < summary["step"] < 6
+    assert resumed_lines[-1] == summary
+    for name, p in straight.named_params.items():
+        assert torch.equal(p, resumed.named_params[name]), name
+    evaluations = [line for line in straight_lines if "eval_reward" in line]
+    assert evaluations[-1]["step"] > 2 and "diversity_ratio" in evaluations[-1]
+    assert [line for line in resumed_lines if "eval_reward" in line] == evaluations
+
+
 # ---------------------------------------------------------------------------------------------------- anchoring
 def test_anchor_penalty_is_zero_at_step_zero(tiny_model_dir, tiny_config):
     trainer = Trainer(load_pipeline(tiny_model_dir), get_reward("contrast"), tiny_config.replace(anchor_weight=1.0))
