@@ -30,7 +30,7 @@ from compose.fuse import add_to_pipeline
 from finetune.checkpoint import atomic_write_text
 from finetune.config import TrainConfig
 from finetune.diversity import diversity, feature_space
-from finetune.guards import JUDGE_PREFIX, build_judges
+from finetune.guards import JUDGE_PREFIX
 from finetune.outputs import claim_output_dir
 from finetune.tracking import labelled_grid, save_grid
 from finetune.trainer import Trainer
@@ -54,10 +54,20 @@ OBJECTIVES = (
     Objective("bigger", "shapes", {"objective": "size"}, "shape size read by the shapes classifier (0 to 1)"),
     Objective("brighter", "brightness", {}, "mean luma of the image (0 to 1)"),
 )
-DEMO_JUDGES: tuple[str, ...] = ("shapes-match",)
-"""The judges of the demo: scored on every model's held-out images and at every training evaluation, never trained
-on. The over-optimisation story's early stopping follows the first; diversity is measured in the first embedding
-among them (:func:`finetune.diversity.feature_space`)."""
+DEMO_JUDGES: dict[str, tuple[str, dict[str, str]]] = {
+    "shapes-judge-match": ("shapes-judge-match", {}),
+    "shapes-judge:size": ("shapes-judge", {"objective": "size"}),
+    "shapes-geometry:area": ("shapes-geometry", {"objective": "area"}),
+}
+"""The judges of the demo (metric name: reward and options), independent of the ``shapes`` classifier that the
+``bigger`` LoRA trains against: the world's second classifier (another architecture, seed and stream of scenes)
+reads prompt agreement and shape size, and a measurement with no learned parts reads the share of the image the
+shapes cover (``area``, not its ``size``: shapes grown until they touch are one blob to a segmentation). Scored
+on every model's held-out images and at every training evaluation, never trained on. The over-optimisation
+story's early stopping follows the first; diversity is measured in the first embedding among them
+(:func:`finetune.diversity.feature_space`)."""
+SIZE_JUDGE = "shapes-judge:size"
+"""The independent judge's reading of what ``bigger`` trains (shape size, same units as the training reward)."""
 STORY = ("hacked", "guarded")
 """The over-optimisation story's runs: LoRA ``bigger`` at the story's learning rate, unguarded and with early
 stopping."""
@@ -97,7 +107,7 @@ class DemoConfig:
 
     def early_stop(self) -> str:
         """The guarded run's ``--early-stop``."""
-        return f"judge={DEMO_JUDGES[0]},{self.story_early_stop}"
+        return f"judge={next(iter(DEMO_JUDGES))},{self.story_early_stop}"
 
     def story_config(self, run: str) -> TrainConfig:
         """A story run: LoRA ``bigger`` at ``story_lr`` for ``story_length`` steps (with early stopping if
@@ -161,7 +171,7 @@ class Demo:
         self.train_prompts, self.held_out = split_prompts()
         self.rewards = {o.name: get_reward(o.reward, **o.options) for o in OBJECTIVES}
         self.classifier = get_reward("shapes", objective="prompt").classifier
-        self.judges = build_judges(DEMO_JUDGES)
+        self.judges = {name: get_reward(reward, **options) for name, (reward, options) in DEMO_JUDGES.items()}
         """Scored on every model's held-out images and at every training evaluation, never trained on."""
         self.space = feature_space(self.judges.values())
         self.stage = 0
@@ -407,6 +417,22 @@ def story_text(summary: dict[str, Any], config: DemoConfig) -> list[str]:
     ]
 
 
+def independent_text(summary: dict[str, Any]) -> list[str]:
+    """What the judges independent of the training classifier read of the first LoRA (``bigger``): its size gain,
+    the gap to the training reward's gain, prompt agreement and the covered area."""
+    name = OBJECTIVES[0].name
+    base, after = summary["base"], summary[name]
+    agreement, size, area = (JUDGE_PREFIX + judge for judge in DEMO_JUDGES)
+    gain, judged = after[name] - base[name], after[size] - base[size]
+    return [
+        f"- LoRA '{name}' read by the judges independent of its training classifier: shape size "
+        f"{base[size]:.3f} -> {after[size]:.3f} ({judged:+.3f} by `{SIZE_JUDGE}`, against {gain:+.3f} by the "
+        f"training reward: a gap of {gain - judged:+.3f}); prompt agreement {base[agreement]:.1%} -> "
+        f"{after[agreement]:.1%} by `{next(iter(DEMO_JUDGES))}`; share of the image covered by shapes (no learned "
+        f"parts) {base[area]:.3f} -> {after[area]:.3f}."
+    ]
+
+
 def report(summary: dict[str, Any], config: DemoConfig) -> str:
     """The demo's numbers as Markdown."""
     names = [o.name for o in OBJECTIVES]
@@ -449,6 +475,7 @@ def report(summary: dict[str, Any], config: DemoConfig) -> str:
             f"prompt agreement {base['agreement']:.1%} -> {after['agreement']:.1%} "
             f"({100 * (after['agreement'] - base['agreement']):+.1f} points)."
         )
+    lines += independent_text(summary)
     both = all(mixed[n] > base[n] for n in names)
     changes = ", ".join(f"{n} {mixed[n] - base[n]:+.3f}" for n in names)
     verdict = "higher on both rewards" if both else "NOT higher on both rewards"
