@@ -16,7 +16,8 @@ its own budget, batch and learning rates (``--ddpo-*``, by default the shared on
 non-differentiable ``--black-box`` reward (``--black-box-seeds`` runs; 0: none) to show it works there.
 
 ``--reuse JSON`` takes the methods a recorded run measured (same world settings, checked) from its summary
-instead of training them again, and records that run's command and commit next to this one's.
+instead of training them again, with its runs on non-differentiable rewards, and records that run's command and
+commit next to this one's; with ``--black-box-only`` only DDPO's runs on ``--black-box`` are trained.
 
 Writes ``sample_efficiency.png``, ``.json`` and ``.md`` to ``--output`` (default ``benchmarks/results``).
 """
@@ -142,6 +143,13 @@ def sweep(method: str, args: argparse.Namespace) -> dict:
     return dict(gains={f"{lr:g}": value for lr, value in gains.items()}, lr=max(gains, key=gains.get))
 
 
+def black_box_runs(method: str, lr: float, args: argparse.Namespace) -> dict:
+    """``--black-box-seeds`` runs of ``method`` on the non-differentiable ``--black-box`` reward."""
+    curves = [run(method, (args.black_box, {}), lr, seed, args.steps, args) for seed in range(args.black_box_seeds)]
+    print(f"{method} on {args.black_box}: gains {[round(gain(c), 4) for c in curves]}", flush=True)
+    return dict(method=method, reward=args.black_box, lr=lr, curves=curves)
+
+
 def train_method(method: str, args: argparse.Namespace) -> tuple[dict, dict | None]:
     """One method's sweep and seeded runs (and, for DDPO, its runs on the non-differentiable reward)."""
     torch.set_num_threads(args.threads)
@@ -151,10 +159,7 @@ def train_method(method: str, args: argparse.Namespace) -> tuple[dict, dict | No
     print(f"{method}: gains {[round(gain(c), 4) for c in curves]}", flush=True)
     extra = None
     if method == "ddpo" and args.black_box_seeds:
-        lr = args.black_box_lr or chosen["lr"]
-        black = [run(method, (args.black_box, {}), lr, seed, args.steps, args) for seed in range(args.black_box_seeds)]
-        print(f"{method} on {args.black_box}: gains {[round(gain(c), 4) for c in black]}", flush=True)
-        extra = dict(reward=args.black_box, lr=lr, curves=black)
+        extra = black_box_runs(method, args.black_box_lr or chosen["lr"], args)
     result = dict(
         lr=chosen["lr"], sweep=chosen["gains"], curves=curves, batch=args.batch, steps=args.steps,
         sweep_steps=args.sweep_steps,
@@ -224,9 +229,9 @@ def plot(results: dict[str, dict], extra: dict[str, dict], path: Path) -> None:
             band(axis, result["curves"], x, f"{method} (lr {result['lr']:g})")
         axis.set(xlabel=f"reward {x}" if x == "queries" else "images sampled", ylabel="held-out gain (size)")
         axis.legend()
-    for name, result in extra.items():
-        band(axes[-1], result["curves"], "queries", f"{name} (lr {result['lr']:g})")
-        axes[-1].set(xlabel="reward queries", ylabel=f"held-out gain ({result['reward']})", title="non-differentiable")
+    for reward, result in extra.items():
+        band(axes[-1], result["curves"], "queries", f"{result['method']} on {reward} (lr {result['lr']:g})")
+        axes[-1].set(xlabel="reward queries", ylabel="held-out gain (JPEG: kB)", title="non-differentiable rewards")
         axes[-1].legend()
     figure.suptitle("sample efficiency in the shapes world (T = 20)")
     figure.tight_layout()
@@ -274,7 +279,8 @@ def report(summary: dict, args: argparse.Namespace) -> str:
     for reused in summary["reused"]:
         lines += [
             "",
-            f"Reused (not retrained): {', '.join(reused['methods'])} from `{reused['path']}`, measured by "
+            f"Reused (not retrained): {', '.join(reused['methods'] + reused.get('black_box', []))} from "
+            f"`{reused['path']}`, measured by "
             f"`{reused['command']}` at: {reused['provenance']}",
         ]
     lines += ["", "## Learning-rate sweep (held-out gain after the sweep's steps)", ""]
@@ -336,14 +342,14 @@ def report(summary: dict, args: argparse.Namespace) -> str:
         f"Saturation check: in its last evaluation interval the held-out gain of seed 0 still rose for "
         f"{', '.join(rising) or 'no method'} (of {', '.join(results)}).",
     ]
-    for name, result in summary["black_box"].items():
-        lines += ["", black_box_text(name, result)]
+    for result in summary["black_box"].values():
+        lines += ["", black_box_text(result)]
     lines += [""] + [f"Not run: `{method}`: {why}." for method, why in summary["skipped"].items()]
     lines += ["", provenance.footer(), ""]
     return "\n".join(lines)
 
 
-def black_box_text(method: str, result: dict) -> str:
+def black_box_text(result: dict) -> str:
     """The non-differentiable runs: held-out reward before and after per seed, the gain against its spread."""
     curves = result["curves"]
     gains = [gain(c) for c in curves]
@@ -352,7 +358,7 @@ def black_box_text(method: str, result: dict) -> str:
     mean = statistics.mean(gains)
     verdict = "exceeds" if mean > spread and min(gains) > 0 else "does not exceed"
     return (
-        f"## {method} on the non-differentiable `{result['reward']}`\n\n"
+        f"## {result['method']} on the non-differentiable `{result['reward']}`\n\n"
         f"lr {result['lr']:g}, {curves[0][-1]['queries']} reward queries per run, seeds 0 to {len(curves) - 1}. "
         f"Held-out reward (same prompts and eval seeds as above) before -> after, per seed: {befores}; gain per seed "
         f"{', '.join(f'{g:+.4f}' for g in gains)}, mean {mean:+.4f}, spread over seeds (max - min) {spread:.4f}: the "
@@ -360,9 +366,9 @@ def black_box_text(method: str, result: dict) -> str:
     )
 
 
-def reuse(path: Path, methods: list[str], args: argparse.Namespace) -> tuple[dict, dict]:
-    """The recorded results of ``path`` for those of ``methods`` it has, checked to share this run's world settings
-    (those not measured here are trained); and where they came from."""
+def reuse(path: Path, methods: list[str], args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
+    """The recorded results of ``path`` for the methods not in ``methods`` (those are trained here), checked to
+    share this run's world settings; its runs on non-differentiable rewards by reward; and where they came from."""
     recorded = json.loads(path.read_text())
     for name in SHARED:
         if recorded["arguments"][name] != str(getattr(args, name)):
@@ -375,8 +381,15 @@ def reuse(path: Path, methods: list[str], args: argparse.Namespace) -> tuple[dic
         result.setdefault("steps", int(recorded["arguments"]["steps"]))
         result.setdefault("batch", int(recorded["arguments"]["batch"]))
         result.setdefault("sweep_steps", int(recorded["arguments"]["sweep_steps"]))
-    where = dict(path=str(path), methods=list(kept), command=recorded["command"], provenance=recorded["provenance"])
-    return kept, where
+    black_box = {r["reward"]: {"method": r.get("method", name), **r} for name, r in recorded["black_box"].items()}
+    black_box = {reward: r for reward, r in black_box.items() if r["method"] not in methods}
+    earlier = recorded.get("reused", [])  # what that run had itself reused: attributed to the run that measured it
+    inherited = {name for where in earlier for name in where["methods"] + where.get("black_box", [])}
+    where = dict(
+        path=str(path), methods=[m for m in kept if m not in inherited], command=recorded["command"],
+        provenance=recorded["provenance"], black_box=[r for r in black_box if r not in inherited],
+    )  # fmt: skip
+    return kept, black_box, [where, *earlier]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -400,6 +413,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--black-box-seeds", type=int, default=None, help="DDPO runs on it (default --seeds; 0: none)")
     parser.add_argument("--black-box-lr", type=float, default=None, help="default: DDPO's chosen learning rate")
     parser.add_argument("--reuse", type=Path, default=None, help="a recorded summary JSON whose methods to keep")
+    parser.add_argument("--black-box-only", action="store_true", help="with --reuse: train only DDPO on --black-box")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see gradient_variance.py)")
     parser.add_argument("--jobs", type=int, default=1, help="methods trained in parallel processes")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run of the code path (tests)")
@@ -420,6 +434,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown method(s) {unknown}; choose among {', '.join(METHODS)}")
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.black_box_only and (args.reuse is None or args.black_box_lr is None or args.methods != ["ddpo"]):
+        parser.error("--black-box-only needs --reuse (the methods' results), --black-box-lr and --methods ddpo")
     return args
 
 
@@ -429,9 +445,13 @@ def main(argv: list[str] | None = None) -> None:
     header = provenance.header()
     results, black_box, skipped, reused = {}, {}, {}, []
     if args.reuse is not None:
-        kept, where = reuse(args.reuse, args.methods, args)
+        kept, black_box, reused = reuse(args.reuse, [] if args.black_box_only else args.methods, args)
         results.update(kept)
-        reused.append(where)
+    if args.black_box_only:
+        torch.set_num_threads(args.threads)
+        ddpo = settings("ddpo", args)
+        black_box[args.black_box] = black_box_runs("ddpo", args.black_box_lr, ddpo)
+        args.methods = []
     runnable = [m for m in args.methods if METHODS[m]["method"] in METHOD_NAMES]
     for method in sorted(set(args.methods) - set(runnable)):
         skipped[method] = "this checkout's `finetune` has no such `--method` (merge the branch that adds it)"
@@ -447,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     for method, (result, extra) in zip(runnable, trained, strict=True):
         results[method] = result
         if extra is not None:
-            black_box[method] = extra
+            black_box[extra["reward"]] = extra
     results = {m: results[m] for m in METHODS if m in results}
     best, best_gain, reached = thresholds(results)
     summary = dict(
