@@ -344,7 +344,8 @@ def report(summary: dict, args: argparse.Namespace) -> str:
     ]
     for result in summary["black_box"].values():
         lines += ["", black_box_text(result)]
-    lines += [""] + [f"Not run: `{method}`: {why}." for method, why in summary["skipped"].items()]
+    if summary["skipped"]:
+        lines += [""] + [f"Not run: `{method}`: {why}." for method, why in summary["skipped"].items()]
     lines += ["", provenance.footer(), ""]
     return "\n".join(lines)
 
@@ -356,13 +357,14 @@ def black_box_text(result: dict) -> str:
     spread = max(gains) - min(gains)
     befores = ", ".join(f"{c[0]['reward']:+.4f} -> {c[-1]['reward']:+.4f}" for c in curves)
     mean = statistics.mean(gains)
-    verdict = "exceeds" if mean > spread and min(gains) > 0 else "does not exceed"
+    verdict = "exceeds" if mean > spread else "does not exceed"
+    rising = sum(g > 0 for g in gains)
     return (
         f"## {result['method']} on the non-differentiable `{result['reward']}`\n\n"
         f"lr {result['lr']:g}, {curves[0][-1]['queries']} reward queries per run, seeds 0 to {len(curves) - 1}. "
         f"Held-out reward (same prompts and eval seeds as above) before -> after, per seed: {befores}; gain per seed "
         f"{', '.join(f'{g:+.4f}' for g in gains)}, mean {mean:+.4f}, spread over seeds (max - min) {spread:.4f}: the "
-        f"mean gain {verdict} the spread (with every seed's gain above 0)."
+        f"mean gain {verdict} the spread; {rising} of {len(gains)} seeds' gains are above 0."
     )
 
 
