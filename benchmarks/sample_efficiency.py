@@ -3,14 +3,21 @@ DRaFT-K (K = 1), ReFL and DDPO, each at its own learning rate (a small sweep on 
 
     python benchmarks/sample_efficiency.py [--steps 24] [--seeds 3] [--lrs 3e-4,1e-3,3e-3] [--output DIR]
     python benchmarks/sample_efficiency.py --smoke --output DIR   # seconds: the code path, no figures worth reading
+    python benchmarks/sample_efficiency.py --methods ddpo --reuse benchmarks/results/sample_efficiency.json ...
 
 The world runs at 20 DDIM steps (so ReFL's stopping step, drawn in (0.75, 1) of T, ranges over 5 positions) on the
 ``shapes`` reward's size objective. For each method the sweep trains one run per learning rate on seed 100 for
 ``--sweep-steps`` steps and keeps the one with the largest held-out gain; then ``--seeds`` runs (seeds 0, 1, ...)
 train at it for ``--steps`` steps. Reported: the reward queries each run needs to reach 50% and 80% of the best
 method's mean final held-out gain (linear between evaluations), and the ratios DDPO / DRaFT-LV and DRaFT-1 /
-DRaFT-LV. DDPO, where this checkout has it (``--method ddpo``), uses the same reward as a black box, and also
-trains on the non-differentiable ``jpeg-compressibility`` to show it works there.
+DRaFT-LV. A run that does not reach a fraction within its budget is censored: its count is reported as more than
+the budget, and a ratio with it in the numerator as a lower bound. DDPO uses the same reward as a black box, with
+its own budget, batch and learning rates (``--ddpo-*``, by default the shared ones), and also trains on the
+non-differentiable ``--black-box`` reward (``--black-box-seeds`` runs; 0: none) to show it works there.
+
+``--reuse JSON`` takes the methods a recorded run measured (same world settings, checked) from its summary
+instead of training them again, with its runs on non-differentiable rewards, and records that run's command and
+commit next to this one's; with ``--black-box-only`` only DDPO's runs on ``--black-box`` are trained.
 
 Writes ``sample_efficiency.png``, ``.json`` and ``.md`` to ``--output`` (default ``benchmarks/results``).
 """
@@ -46,13 +53,25 @@ REFERENCE = "draft-lv"
 RATIOS = (("ddpo", REFERENCE), ("draft-k", REFERENCE))
 REWARD = ("shapes", {"objective": "size"})
 """The differentiable objective: the classifier's size reading (0 to 1; the shipped model's samples average 0.42)."""
-BLACK_BOX = ("jpeg-compressibility", {})
-"""The non-differentiable reward DDPO also trains on."""
+BLACK_BOXES = ("jpeg-compressibility", "jpeg-incompressibility", "shapes-match")
+"""The non-differentiable rewards in the world DDPO can also train on (``--black-box``)."""
+DDPO_SETTINGS = ("steps", "sweep_steps", "batch", "eval_every", "lrs")
+"""The settings ``--ddpo-*`` can give DDPO its own value of (its budget and batch; RL needs more queries)."""
+SHARED = ("sampling_steps", "eval_seeds", "held_out", "seeds")
+"""Settings a reused run must share with this one (the world and the held-out measurement)."""
 FRACTIONS = (0.5, 0.8)
 SWEEP_SEED = 100
 SAMPLING_STEPS = 20
 Curve = list[dict[str, float]]
 """One run's evaluations: ``{"step", "images", "queries", "reward"}`` (held-out reward), step 0 first."""
+
+
+def settings(method: str, args: argparse.Namespace) -> argparse.Namespace:
+    """The arguments a method trains with: the shared ones, with DDPO's own ``--ddpo-*`` values where given."""
+    if method != "ddpo":
+        return args
+    own = {name: getattr(args, f"ddpo_{name}") for name in DDPO_SETTINGS if getattr(args, f"ddpo_{name}") is not None}
+    return argparse.Namespace(**{**vars(args), **own})
 
 
 def run(method: str, reward: tuple[str, dict], lr: float, seed: int, steps: int, args: argparse.Namespace) -> Curve:
@@ -62,6 +81,7 @@ def run(method: str, reward: tuple[str, dict], lr: float, seed: int, steps: int,
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(
             **METHODS[method],
+            **({"ddpo_timestep_fraction": args.ddpo_timestep_fraction} if method == "ddpo" else {}),
             resolution=WORLD_TRAINING["resolution"],
             num_inference_steps=args.sampling_steps,
             guidance_scale=WORLD_TRAINING["guidance_scale"],
@@ -123,17 +143,28 @@ def sweep(method: str, args: argparse.Namespace) -> dict:
     return dict(gains={f"{lr:g}": value for lr, value in gains.items()}, lr=max(gains, key=gains.get))
 
 
+def black_box_runs(method: str, lr: float, args: argparse.Namespace) -> dict:
+    """``--black-box-seeds`` runs of ``method`` on the non-differentiable ``--black-box`` reward."""
+    curves = [run(method, (args.black_box, {}), lr, seed, args.steps, args) for seed in range(args.black_box_seeds)]
+    print(f"{method} on {args.black_box}: gains {[round(gain(c), 4) for c in curves]}", flush=True)
+    return dict(method=method, reward=args.black_box, lr=lr, curves=curves)
+
+
 def train_method(method: str, args: argparse.Namespace) -> tuple[dict, dict | None]:
     """One method's sweep and seeded runs (and, for DDPO, its runs on the non-differentiable reward)."""
     torch.set_num_threads(args.threads)
+    args = settings(method, args)
     chosen = sweep(method, args)
     curves = [run(method, REWARD, chosen["lr"], seed, args.steps, args) for seed in range(args.seeds)]
     print(f"{method}: gains {[round(gain(c), 4) for c in curves]}", flush=True)
     extra = None
-    if method == "ddpo":
-        black = [run(method, BLACK_BOX, chosen["lr"], seed, args.steps, args) for seed in range(args.seeds)]
-        extra = dict(reward=BLACK_BOX[0], lr=chosen["lr"], curves=black)
-    return dict(lr=chosen["lr"], sweep=chosen["gains"], curves=curves), extra
+    if method == "ddpo" and args.black_box_seeds:
+        extra = black_box_runs(method, args.black_box_lr or chosen["lr"], args)
+    result = dict(
+        lr=chosen["lr"], sweep=chosen["gains"], curves=curves, batch=args.batch, steps=args.steps,
+        sweep_steps=args.sweep_steps,
+    )  # fmt: skip
+    return result, extra
 
 
 def thresholds(results: dict[str, dict]) -> tuple[str, float, dict]:
@@ -154,10 +185,12 @@ def thresholds(results: dict[str, dict]) -> tuple[str, float, dict]:
 AXES = ("queries", "images")
 
 
-def ratios(reached: dict) -> dict:
+def ratios(reached: dict, results: dict[str, dict]) -> dict:
     """``numerator / denominator`` of the reward queries (and images) to each fraction: per seed index (seed i of
-    one method against seed i of the other), their mean, min and max, and the ratio of the seeds' means; ``None``
-    where a run did not reach the fraction."""
+    one method against seed i of the other), their mean, min and max, and the ratio of the seeds' means.
+    ``per_seed`` is ``None`` where a run did not reach the fraction. Where only numerator runs did not (censored
+    at their budget, the last evaluation's count), ``bound_per_seed`` puts the budget in their place and the
+    summaries are lower bounds (``lower_bound``); where a denominator run did not, the summaries are ``None``."""
     table = {}
     for numerator, denominator in RATIOS:
         if numerator not in reached or denominator not in reached:
@@ -165,15 +198,19 @@ def ratios(reached: dict) -> dict:
         for fraction in reached[denominator]:
             for axis in AXES:
                 top, bottom = reached[numerator][fraction][axis], reached[denominator][fraction][axis]
+                budgets = [curve[-1][axis] for curve in results[numerator]["curves"]]
+                bounded = [budget if a is None else a for a, budget in zip(top, budgets, strict=True)]
                 per_seed = [a / b if a is not None and b else None for a, b in zip(top, bottom, strict=True)]
-                finite = [r for r in per_seed if r is not None]
-                complete = len(finite) == len(per_seed)
+                bound = [a / b if b else None for a, b in zip(bounded, bottom, strict=True)]
+                complete = None not in bound
                 table[f"{numerator}/{denominator} {fraction} {axis}"] = dict(
                     per_seed=per_seed,
-                    mean=statistics.mean(finite) if complete else None,
-                    min=min(finite) if complete else None,
-                    max=max(finite) if complete else None,
-                    of_means=statistics.mean(top) / statistics.mean(bottom) if complete else None,
+                    bound_per_seed=bound,
+                    lower_bound=None in top,
+                    mean=statistics.mean(bound) if complete else None,
+                    min=min(bound) if complete else None,
+                    max=max(bound) if complete else None,
+                    of_means=statistics.mean(bounded) / statistics.mean(bottom) if complete else None,
                 )
     return table
 
@@ -192,9 +229,10 @@ def plot(results: dict[str, dict], extra: dict[str, dict], path: Path) -> None:
             band(axis, result["curves"], x, f"{method} (lr {result['lr']:g})")
         axis.set(xlabel=f"reward {x}" if x == "queries" else "images sampled", ylabel="held-out gain (size)")
         axis.legend()
-    for name, result in extra.items():
-        band(axes[-1], result["curves"], "queries", name)
-        axes[-1].set(xlabel="reward queries", ylabel="held-out gain (JPEG kB, negated)", title="DDPO, non-diff.")
+    for reward, result in extra.items():
+        band(axes[-1], result["curves"], "queries", f"{result['method']} on {reward} (lr {result['lr']:g})")
+        axes[-1].set(xlabel="reward queries", ylabel="held-out gain (JPEG: kB)", title="non-differentiable rewards")
+        axes[-1].legend()
     figure.suptitle("sample efficiency in the shapes world (T = 20)")
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
@@ -214,31 +252,47 @@ def fmt(value: float | None, digits: int = 0, missing: str = "not reached") -> s
 
 def report(summary: dict, args: argparse.Namespace) -> str:
     results, best, best_gain = summary["methods"], summary["best"], summary["best_gain"]
+    budgets = "; ".join(f"{m}: {r['steps']} steps of batch {r['batch']}" for m, r in results.items())
     lines = [
         "# Sample efficiency in the embedded shapes world",
         "",
         summary["provenance"],
         "",
         f"Command: `{summary['command']}`. Reward `{REWARD[0]}` (objective size), {args.sampling_steps} DDIM steps, "
-        f"guidance {WORLD_TRAINING['guidance_scale']}, LoRA rank {WORLD_TRAINING['lora_rank']}, batch {args.batch}, "
-        f"{args.steps} steps per run, seeds 0 to {args.seeds - 1}. Held-out reward: {args.held_out} held-out prompts "
-        f"x eval seeds {', '.join(map(str, args.eval_seeds))}, every {args.eval_every} steps; gain = held-out reward "
-        "minus the initial one. "
-        f"Reward queries count every reward evaluation in training (DRaFT-LV n=2: two per image sampled). "
-        f"Learning rate per method: the largest sweep gain over {', '.join(f'{lr:g}' for lr in args.lrs)} "
-        f"({args.sweep_steps} steps, seed {SWEEP_SEED}). CPU, {args.threads} torch thread(s).",
-        "",
-        "## Learning-rate sweep (held-out gain after the sweep's steps)",
-        "",
-        "| method | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | chosen |",
-        "|---|" + "---|" * (len(args.lrs) + 1),
+        f"guidance {WORLD_TRAINING['guidance_scale']}, LoRA rank {WORLD_TRAINING['lora_rank']}; {budgets}; "
+        f"seeds 0 to {args.seeds - 1}. Held-out reward: {args.held_out} held-out prompts "
+        f"x eval seeds {', '.join(map(str, args.eval_seeds))}; gain = held-out reward minus the initial one. "
+        f"Reward queries count every reward evaluation in training (DRaFT-LV n=2: two per image sampled; DDPO: one "
+        f"per trajectory). Learning rate per method: the largest held-out gain of a sweep on seed {SWEEP_SEED}. "
+        f"CPU, {args.threads} torch thread(s).",
     ]
+    if "ddpo" in results:
+        d = TrainConfig()
+        lines += [
+            "",
+            f"DDPO: PPO with the trainer's defaults ({d.ddpo_inner_epochs} inner epoch(s), {d.ddpo_minibatches} "
+            f"minibatches, clip range {d.ddpo_clip_range:g}, advantage clip {d.ddpo_adv_clip:g}, per-prompt "
+            f"statistics once a prompt has {d.ddpo_min_count} rewards, eta {d.ddpo_eta:g}), timestep fraction "
+            f"{args.ddpo_timestep_fraction:g} of the {args.sampling_steps} sampling steps; the `{REWARD[0]}` reward "
+            "called as a black box (no gradient).",
+        ]
+    for reused in summary["reused"]:
+        lines += [
+            "",
+            f"Reused (not retrained): {', '.join(reused['methods'] + reused.get('black_box', []))} from "
+            f"`{reused['path']}`, measured by "
+            f"`{reused['command']}` at: {reused['provenance']}",
+        ]
+    lines += ["", "## Learning-rate sweep (held-out gain after the sweep's steps)", ""]
+    lines += ["| method | sweep steps | held-out gain per learning rate | chosen |", "|---|---|---|---|"]
     for method, result in results.items():
-        row = " | ".join(fmt(result["sweep"][f"{lr:g}"], 4, "not run") for lr in args.lrs)
-        lines.append(f"| {method} | {row} | {result['lr']:g} |")
+        swept = ", ".join(f"lr {lr}: {fmt(value, 4, 'not run')}" for lr, value in result["sweep"].items())
+        lines.append(f"| {method} | {result['sweep_steps']} | {swept} | {result['lr']:g} |")
     lines += [
         "",
         f"## Reward queries to reach a fraction of the best method's mean gain ({best}: {best_gain:+.4f})",
+        "",
+        "A run that did not reach a fraction shows `> budget` (its queries or images at the last evaluation).",
         "",
         "| method | gain per seed | mean gain | "
         + " | ".join(f"queries to {f:.0%} (per seed)" for f in FRACTIONS)
@@ -250,21 +304,36 @@ def report(summary: dict, args: argparse.Namespace) -> str:
     for method, result in results.items():
         gains = [gain(c) for c in result["curves"]]
         cells = [
-            ", ".join(fmt(v) for v in summary["reached"][method][f"{f:g}"][axis]) for axis in AXES for f in FRACTIONS
+            ", ".join(
+                fmt(v, 0, f"> {curve[-1][axis]}")
+                for v, curve in zip(summary["reached"][method][f"{f:g}"][axis], result["curves"], strict=True)
+            )
+            for axis in AXES
+            for f in FRACTIONS
         ]
         lines.append(
             f"| {method} | {', '.join(f'{g:+.4f}' for g in gains)} | {statistics.mean(gains):+.4f} | "
             + " | ".join(cells)
             + " |"
         )
-    lines += ["", "## Ratios (per seed i: seed i of one method against seed i of the other)", ""]
+    lines += [
+        "",
+        "## Ratios (per seed i: seed i of one method against seed i of the other)",
+        "",
+        "`> x`: a lower bound (the numerator's run did not reach the fraction within its budget; the budget is used).",
+        "",
+    ]
     if summary["ratios"]:
         lines += ["| ratio | fraction | axis | per seed | mean (min to max) | ratio of means |", "|" + "---|" * 6]
         for key, r in summary["ratios"].items():
             name, fraction, axis = key.split(" ")
-            per_seed = ", ".join(fmt(v, 2) for v in r["per_seed"])
-            spread = f"{fmt(r['mean'], 2)} ({fmt(r['min'], 2)} to {fmt(r['max'], 2)})"
-            of_means = fmt(r["of_means"], 2)
+            bound = "> " if r["lower_bound"] and r["mean"] is not None else ""
+            per_seed = ", ".join(
+                fmt(v, 2) if v is not None or b is None else f"> {b:.2f}"
+                for v, b in zip(r["per_seed"], r["bound_per_seed"], strict=True)
+            )
+            spread = f"{bound}{fmt(r['mean'], 2)} ({fmt(r['min'], 2)} to {fmt(r['max'], 2)})"
+            of_means = bound + fmt(r["of_means"], 2)
             lines.append(f"| {name} | {float(fraction):.0%} | {axis} | {per_seed} | {spread} | {of_means} |")
     still = {m: gain(r["curves"][0], -1) > gain(r["curves"][0], -2) for m, r in results.items()} if results else {}
     rising = [m for m, up in still.items() if up]
@@ -273,16 +342,56 @@ def report(summary: dict, args: argparse.Namespace) -> str:
         f"Saturation check: in its last evaluation interval the held-out gain of seed 0 still rose for "
         f"{', '.join(rising) or 'no method'} (of {', '.join(results)}).",
     ]
-    for name, result in summary["black_box"].items():
-        gains = [gain(c) for c in result["curves"]]
-        lines.append(
-            f"DDPO on the non-differentiable `{BLACK_BOX[0]}` (lr {result['lr']:g}): held-out gain per seed "
-            f"{', '.join(f'{g:+.3f}' for g in gains)} (reward in kB, negated; {name})."
-        )
-    for method, why in summary["skipped"].items():
-        lines.append(f"Not run: `{method}`: {why}.")
+    for result in summary["black_box"].values():
+        lines += ["", black_box_text(result)]
+    if summary["skipped"]:
+        lines += [""] + [f"Not run: `{method}`: {why}." for method, why in summary["skipped"].items()]
     lines += ["", provenance.footer(), ""]
     return "\n".join(lines)
+
+
+def black_box_text(result: dict) -> str:
+    """The non-differentiable runs: held-out reward before and after per seed, the gain against its spread."""
+    curves = result["curves"]
+    gains = [gain(c) for c in curves]
+    spread = max(gains) - min(gains)
+    befores = ", ".join(f"{c[0]['reward']:+.4f} -> {c[-1]['reward']:+.4f}" for c in curves)
+    mean = statistics.mean(gains)
+    verdict = "exceeds" if mean > spread else "does not exceed"
+    rising = sum(g > 0 for g in gains)
+    return (
+        f"## {result['method']} on the non-differentiable `{result['reward']}`\n\n"
+        f"lr {result['lr']:g}, {curves[0][-1]['queries']} reward queries per run, seeds 0 to {len(curves) - 1}. "
+        f"Held-out reward (same prompts and eval seeds as above) before -> after, per seed: {befores}; gain per seed "
+        f"{', '.join(f'{g:+.4f}' for g in gains)}, mean {mean:+.4f}, spread over seeds (max - min) {spread:.4f}: the "
+        f"mean gain {verdict} the spread; {rising} of {len(gains)} seeds' gains are above 0."
+    )
+
+
+def reuse(path: Path, methods: list[str], args: argparse.Namespace) -> tuple[dict, dict, list[dict]]:
+    """The recorded results of ``path`` for the methods not in ``methods`` (those are trained here), checked to
+    share this run's world settings; its runs on non-differentiable rewards by reward; and where they came from."""
+    recorded = json.loads(path.read_text())
+    for name in SHARED:
+        if recorded["arguments"][name] != str(getattr(args, name)):
+            raise SystemExit(
+                f"--reuse {path}: its {name} is {recorded['arguments'][name]}, this run's {getattr(args, name)}; "
+                f"methods compare on one world and held-out set: pass the same --{name.replace('_', '-')}"
+            )
+    kept = {m: r for m, r in recorded["methods"].items() if m not in methods}
+    for result in kept.values():  # the shared budget of that run
+        result.setdefault("steps", int(recorded["arguments"]["steps"]))
+        result.setdefault("batch", int(recorded["arguments"]["batch"]))
+        result.setdefault("sweep_steps", int(recorded["arguments"]["sweep_steps"]))
+    black_box = {r["reward"]: {"method": r.get("method", name), **r} for name, r in recorded["black_box"].items()}
+    black_box = {reward: r for reward, r in black_box.items() if r["method"] not in methods}
+    earlier = recorded.get("reused", [])  # what that run had itself reused: attributed to the run that measured it
+    inherited = {name for where in earlier for name in where["methods"] + where.get("black_box", [])}
+    where = dict(
+        path=str(path), methods=[m for m in kept if m not in inherited], command=recorded["command"],
+        provenance=recorded["provenance"], black_box=[r for r in black_box if r not in inherited],
+    )  # fmt: skip
+    return kept, black_box, [where, *earlier]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -297,6 +406,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--eval-seeds", default="1000,1001")
     parser.add_argument("--held-out", type=int, default=12, help="how many of the 12 held-out prompts to evaluate")
+    for name in DDPO_SETTINGS:
+        kind = str if name == "lrs" else int
+        flag = name.replace("_", "-")
+        parser.add_argument(f"--ddpo-{flag}", type=kind, default=None, help=f"DDPO's own --{flag} (default: shared)")
+    parser.add_argument("--ddpo-timestep-fraction", type=float, default=1.0, help="of the sampling steps, trained")
+    parser.add_argument("--black-box", default=BLACK_BOXES[0], choices=BLACK_BOXES, help="non-differentiable reward")
+    parser.add_argument("--black-box-seeds", type=int, default=None, help="DDPO runs on it (default --seeds; 0: none)")
+    parser.add_argument("--black-box-lr", type=float, default=None, help="default: DDPO's chosen learning rate")
+    parser.add_argument("--reuse", type=Path, default=None, help="a recorded summary JSON whose methods to keep")
+    parser.add_argument("--black-box-only", action="store_true", help="with --reuse: train only DDPO on --black-box")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see gradient_variance.py)")
     parser.add_argument("--jobs", type=int, default=1, help="methods trained in parallel processes")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run of the code path (tests)")
@@ -307,12 +426,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.eval_every, args.eval_seeds, args.held_out = 1, "1000", 2
     args.methods = args.methods.split(",")
     args.lrs = [float(x) for x in args.lrs.split(",")]
+    if args.ddpo_lrs is not None:
+        args.ddpo_lrs = [float(x) for x in args.ddpo_lrs.split(",")]
     args.eval_seeds = [int(x) for x in args.eval_seeds.split(",")]
+    if args.black_box_seeds is None:
+        args.black_box_seeds = args.seeds
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose among {', '.join(METHODS)}")
-    if REFERENCE not in args.methods or args.seeds < 1:
-        parser.error(f"--methods must include {REFERENCE} (the ratios' reference) and --seeds must be at least 1")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    if args.black_box_only and (args.reuse is None or args.black_box_lr is None or args.methods != ["ddpo"]):
+        parser.error("--black-box-only needs --reuse (the methods' results), --black-box-lr and --methods ddpo")
     return args
 
 
@@ -320,12 +445,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     header = provenance.header()
-    results, black_box, skipped = {}, {}, {}
+    results, black_box, skipped, reused = {}, {}, {}, []
+    if args.reuse is not None:
+        kept, black_box, reused = reuse(args.reuse, [] if args.black_box_only else args.methods, args)
+        results.update(kept)
+    if args.black_box_only:
+        torch.set_num_threads(args.threads)
+        ddpo = settings("ddpo", args)
+        black_box[args.black_box] = black_box_runs("ddpo", args.black_box_lr, ddpo)
+        args.methods = []
     runnable = [m for m in args.methods if METHODS[m]["method"] in METHOD_NAMES]
     for method in sorted(set(args.methods) - set(runnable)):
         skipped[method] = "this checkout's `finetune` has no such `--method` (merge the branch that adds it)"
-    for method in (m for m in METHODS if m not in args.methods):
+    for method in (m for m in METHODS if m not in args.methods and m not in results):
         skipped[method] = "not in this run's `--methods`"
+    if REFERENCE not in results and REFERENCE not in runnable:
+        raise SystemExit(f"no {REFERENCE} results (the ratios' reference): add it to --methods, or --reuse a run of it")
     if args.jobs > 1:  # one process per method, each single-threaded as set by --threads
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             trained = pool.starmap(train_method, [(m, args) for m in runnable])
@@ -334,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     for method, (result, extra) in zip(runnable, trained, strict=True):
         results[method] = result
         if extra is not None:
-            black_box[method] = extra
+            black_box[extra["reward"]] = extra
+    results = {m: results[m] for m in METHODS if m in results}
     best, best_gain, reached = thresholds(results)
     summary = dict(
         command=" ".join(["python", "benchmarks/sample_efficiency.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -344,9 +480,10 @@ def main(argv: list[str] | None = None) -> None:
         best=best,
         best_gain=best_gain,
         reached=reached,
-        ratios=ratios(reached),
+        ratios=ratios(reached, results),
         black_box=black_box,
         skipped=skipped,
+        reused=reused,
     )
     args.output.mkdir(parents=True, exist_ok=True)
     plot(results, black_box, args.output / "sample_efficiency.png")

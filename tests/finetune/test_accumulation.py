@@ -1,5 +1,6 @@
 """Gradient accumulation: two micro-batches of b make the update of one batch of 2b, for every method (the step's
-random draws do not depend on how it is split)."""
+random draws do not depend on how it is split). The DDIM methods run on the tiny SD pipeline, ``grpo`` (flow
+families only) on the tiny SD3 one."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from finetune.config import METHOD_NAMES
 from finetune.pipelines import load_pipeline
 from finetune.trainer import Trainer
 from rewards import get_reward
+from tests.finetune.test_rl import tiny_sd3_dir  # noqa: F401 (the SD3 fixture, for grpo)
 
 
 def one_step(model_dir, config):
@@ -23,14 +25,18 @@ def one_step(model_dir, config):
     return grads, params, metrics
 
 
-@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m != "grpo"])  # grpo: flow families only
-def test_two_micro_batches_equal_one_double_batch(tiny_model_dir, tiny_config, method):
-    # ddpo: one PPO minibatch, so that the step is one optimizer step (whose gradient is compared).
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_two_micro_batches_equal_one_double_batch(request, tiny_config, method):
+    # ddpo and grpo: one PPO minibatch, so that the step is one optimizer step (whose gradient is compared); grpo:
+    # one group of 4 that spans both micro-batches (its advantages need the whole round's rewards), and the KL term
+    # to the base model on (its gradient accumulates too).
+    grpo = dict(grpo_group_size=4, grpo_kl_weight=0.1, batch_size=4) if method == "grpo" else {}
     config = tiny_config.replace(
-        method=method, k=2, num_inference_steps=3, lr=1e-3, max_grad_norm=1e6, ddpo_minibatches=1
+        method=method, k=2, num_inference_steps=3, lr=1e-3, max_grad_norm=1e6, ddpo_minibatches=1, **grpo
     )
-    whole_grads, whole_params, whole = one_step(tiny_model_dir, config.replace(batch_size=4, grad_accum=1))
-    split_grads, split_params, split = one_step(tiny_model_dir, config.replace(batch_size=2, grad_accum=2))
+    model_dir = request.getfixturevalue("tiny_sd3_dir" if method == "grpo" else "tiny_model_dir")
+    whole_grads, whole_params, whole = one_step(model_dir, config.replace(batch_size=4, grad_accum=1))
+    split_grads, split_params, split = one_step(model_dir, config.replace(batch_size=2, grad_accum=2))
     assert whole_grads.keys() == split_grads.keys() and whole_grads
     scale = max(g.abs().max().item() for g in whole_grads.values())
     assert scale > 0  # a real gradient is compared
@@ -42,6 +48,6 @@ def test_two_micro_batches_equal_one_double_batch(tiny_model_dir, tiny_config, m
         # is near zero can flip that sign; its gradients, compared above, are the accumulation claim.)
         if method != "ddpo":
             torch.testing.assert_close(split_params[name], whole_params[name], rtol=0, atol=1e-5, msg=name)
-    for key in ("reward", "reward/contrast", "reward/saturation", "loss", "grad_norm"):
+    for key in ("reward", "reward/contrast", "reward/saturation", "loss", "grad_norm", *(["kl"] if grpo else [])):
         assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-7), key
     assert split["images_seen"] == whole["images_seen"] == 4

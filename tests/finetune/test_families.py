@@ -412,7 +412,11 @@ def test_flow_family_resume_is_bitwise_identical(family_dirs, tmp_path):
 
 @pytest.mark.slow
 def test_flow_family_two_processes_equal_one(family_dirs, tmp_path):
-    """Data parallel on FLUX: two CPU processes (torchrun, gloo) with batch 1 make one process's batch-2 update."""
+    """Data parallel on FLUX, with Flow-GRPO: two CPU processes (torchrun, gloo) with batch 1 and two accumulated
+    micro-batches make one process's update with batch 2. Each group of 2 spans both processes (the round's order is
+    micro-batch, then process), so its advantages need every rank's rewards; one PPO minibatch makes the gradient
+    the round's mean. (DRaFT's data parallel, the same DDP-wrapped model, is tested on SD in test_distributed.py;
+    one multi-process test here keeps the suite short.)"""
     (tmp_path / "eval.txt").write_text("a photo of a dog\n")
     loras = []
     for processes, batch in ((1, 2), (2, 1)):
@@ -420,8 +424,9 @@ def test_flow_family_two_processes_equal_one(family_dirs, tmp_path):
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         command = [
             sys.executable, *(launcher if processes > 1 else []), "-m", "finetune", "train",
-            "--model", str(family_dirs("flux")), "--reward", "contrast", "--method", "draft-lv", "--steps", "2",
-            "--batch-size", str(batch), "--resolution", "64", "--num-inference-steps", "2", "--lr", "0.01",
+            "--model", str(family_dirs("flux")), "--reward", "contrast", "--method", "grpo", "--grpo-group-size", "2",
+            "--ddpo-minibatches", "1", "--steps", "2", "--batch-size", str(batch), "--grad-accum", "2",
+            "--resolution", "64", "--num-inference-steps", "2", "--lr", "0.01",
             "--output-dir", str(out), "--device", "cpu", "--eval-every", "100",
             "--eval-prompts", str(tmp_path / "eval.txt"),
         ]  # fmt: skip
@@ -430,9 +435,17 @@ def test_flow_family_two_processes_equal_one(family_dirs, tmp_path):
         loras.append(load_file(str(out / "pytorch_lora_weights.safetensors")))
     single, double = loras
     assert single.keys() == double.keys() and single
-    for key in single:
-        torch.testing.assert_close(double[key], single[key], rtol=0, atol=1e-5)
     assert max(v.abs().max().item() for k, v in single.items() if "lora_B" in k or "lora.up" in k) > 1e-3
+    # AdamW moves each weight by about lr x g / (|g| + eps): the down factors' gradients are exactly 0 in step 1 (the
+    # up factors start at 0) and tiny in step 2, so float rounding in the all-reduce can move a rare entry by a
+    # fraction of lr (0.01; 3e-5 seen). A wrong update (e.g. advantages from one rank's rewards) differs everywhere.
+    close = total = 0
+    for key, value in single.items():
+        difference = (double[key] - value).abs()
+        assert difference.max().item() < 1e-3, key
+        close += int((difference <= 1e-5).sum())
+        total += value.numel()
+    assert close >= 0.99 * total, f"{total - close} of {total} LoRA entries differ by more than 1e-5"
 
 
 def test_text_encoder_lora_of_a_transformer_family_loads_exactly(family_dirs, tmp_path):
