@@ -159,9 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="build the reward with random weights (no download; for tests)",
     )
-    demo = commands.add_parser("demo", help="run DRaFT, LoRA export and mixing in the embedded world (no download)")
+    demo = commands.add_parser(
+        "demo", help="run DRaFT, LoRA export, mixing and reward hacking vs early stopping in the embedded world"
+    )
     demo.add_argument("--output-dir", default="outputs/demo", help="where the grids, LoRAs and report go")
-    demo.add_argument("--steps", type=int, help="training steps per LoRA (default: the demo's setting, 60)")
+    demo.add_argument(
+        "--steps", type=int, help="training steps per LoRA (default 60; the over-optimisation runs take 2/5 of it)"
+    )
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs in --output-dir")
     return parser
 
