@@ -75,8 +75,7 @@ stopping."""
 
 @dataclass
 class DemoConfig:
-    """Settings of ``python -m finetune demo`` (the defaults took 3 to 6 minutes on 2 CPU cores before the
-    over-optimisation story, which adds about 30% more training steps; README)."""
+    """Settings of ``python -m finetune demo`` (the defaults take about 7 minutes on 2 idle CPU cores; README)."""
 
     output_dir: str = "outputs/demo"
     pipeline: str = str(SHIPPED_PIPELINE)
