@@ -30,6 +30,8 @@ WORLD_JUDGES = ("shapes-judge-match", "shapes-geometry")
 on: prompt agreement read by the independent judge (``shapes-judge-match``: another network trained with
 another seed on other scenes), and the shapes' size measured with no learned parts (``shapes-geometry``, by
 segmentation against the background)."""
+RUN_END_KEY = "early_stop_metric"
+"""Key of early stopping's closing record in ``metrics.jsonl`` (the last line of a run that tracks a metric)."""
 JUDGE_PREFIX = "judge/"
 """Metric key prefix of a judge's mean held-out score (``judge/aesthetic``)."""
 NO_JUDGES = ("none",)
@@ -183,7 +185,7 @@ class EarlyStopping:
         """Metrics of the final record: which step's LoRA is kept, and why."""
         return {
             "step": stopped_at,
-            "early_stop_metric": self.spec.metric_key(),
+            RUN_END_KEY: self.spec.metric_key(),
             "best_step": self.best_step,
             "best_value": self.best,
         }

@@ -29,11 +29,13 @@ class MetricsLog:
 
             self.writer = SummaryWriter(str(output_dir / "tensorboard"))
 
-    def truncate(self, step: int) -> None:
-        """Drop lines after ``step`` (used on resume, so a replayed step is not logged twice)."""
+    def truncate(self, step: int, run_end_key: str | None = None) -> None:
+        """Drop lines after ``step`` (used on resume, so a replayed step is not logged twice), and the lines that
+        hold ``run_end_key``: an earlier run's closing record, which the resumed run writes anew when it ends."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        rows = [(line, json.loads(line)) for line in self.path.read_text().splitlines() if line]
+        kept = [line for line, row in rows if row["step"] <= step and (run_end_key is None or run_end_key not in row)]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from finetune.checkpoint import (
     save_checkpoint,
 )
 from finetune.config import TrainConfig
-from finetune.guards import Anchor, EvaluationGuards, build_judges
+from finetune.guards import RUN_END_KEY, Anchor, EvaluationGuards, build_judges
 from finetune.interrupt import StopOnSignal, TrainingInterrupted
 from finetune.lora import LORA_WEIGHTS_NAME, save_lora_weights
 from finetune.methods import METHODS, BatchRandom, Generated, MethodSettings
@@ -540,7 +540,7 @@ class Trainer:
         with StopOnSignal() as stop, distributed.fail_together():
             try:
                 if log is not None:
-                    log.truncate(self.step)
+                    log.truncate(self.step, RUN_END_KEY)
                 if self.step == 0:
                     evaluation = {"step": 0, **self._evaluate_and_save()}
                     if log is not None:

@@ -211,6 +211,8 @@ def test_early_stopping_survives_resume(tiny_model_dir, tiny_config, tmp_path):
     summary = straight_lines[-1]
     assert summary["early_stopped"] and 2 < summary["step"] < 6
     assert resumed_lines[-1] == summary
+    # The first part's closing record (it ran to step 2) is replaced by the resumed run's, not left mid-file.
+    assert [line for line in resumed_lines if "early_stop_metric" in line] == [summary]
     for name, p in straight.named_params.items():
         assert torch.equal(p, resumed.named_params[name]), name
     evaluations = [line for line in straight_lines if "eval_reward" in line]
