@@ -54,20 +54,21 @@ OBJECTIVES = (
     Objective("bigger", "shapes", {"objective": "size"}, "shape size read by the shapes classifier (0 to 1)"),
     Objective("brighter", "brightness", {}, "mean luma of the image (0 to 1)"),
 )
+AGREEMENT_JUDGE, SIZE_JUDGE, AREA_JUDGE = "shapes-judge-match", "shapes-judge:size", "shapes-geometry:area"
+"""Metric names of the demo's judges: prompt agreement and shape size by the independent classifier, and the
+share of the image the shapes cover, measured with no learned parts."""
 DEMO_JUDGES: dict[str, tuple[str, dict[str, str]]] = {
-    "shapes-judge-match": ("shapes-judge-match", {}),
-    "shapes-judge:size": ("shapes-judge", {"objective": "size"}),
-    "shapes-geometry:area": ("shapes-geometry", {"objective": "area"}),
+    AGREEMENT_JUDGE: ("shapes-judge-match", {}),
+    SIZE_JUDGE: ("shapes-judge", {"objective": "size"}),
+    AREA_JUDGE: ("shapes-geometry", {"objective": "area"}),
 }
 """The judges of the demo (metric name: reward and options), independent of the ``shapes`` classifier that the
 ``bigger`` LoRA trains against: the world's second classifier (another architecture, seed and stream of scenes)
 reads prompt agreement and shape size, and a measurement with no learned parts reads the share of the image the
 shapes cover (``area``, not its ``size``: shapes grown until they touch are one blob to a segmentation). Scored
 on every model's held-out images and at every training evaluation, never trained on. The over-optimisation
-story's early stopping follows the first; diversity is measured in the first embedding among them
+story's early stopping follows the agreement; diversity is measured in the first embedding among them
 (:func:`finetune.diversity.feature_space`)."""
-SIZE_JUDGE = "shapes-judge:size"
-"""The independent judge's reading of what ``bigger`` trains (shape size, same units as the training reward)."""
 STORY = ("hacked", "guarded")
 """The over-optimisation story's runs: LoRA ``bigger`` at the story's learning rate, unguarded and with early
 stopping."""
@@ -97,7 +98,7 @@ class DemoConfig:
     """Steps of the story's runs; ``None``: 2/5 of ``steps`` (at least 1), so a shortened demo stays short."""
     story_eval_every: int = 3
     story_early_stop: str = "patience=2,drop=0.02"
-    """Early stopping of the story's guarded run (its judge is the first of :data:`DEMO_JUDGES`)."""
+    """Early stopping of the story's guarded run (its judge is :data:`AGREEMENT_JUDGE`)."""
     overwrite: bool = False
     """Replace the artefacts of an earlier demo in ``output_dir`` (a non-empty directory is refused otherwise)."""
 
@@ -107,7 +108,7 @@ class DemoConfig:
 
     def early_stop(self) -> str:
         """The guarded run's ``--early-stop``."""
-        return f"judge={next(iter(DEMO_JUDGES))},{self.story_early_stop}"
+        return f"judge={AGREEMENT_JUDGE},{self.story_early_stop}"
 
     def story_config(self, run: str) -> TrainConfig:
         """A story run: LoRA ``bigger`` at ``story_lr`` for ``story_length`` steps (with early stopping if
@@ -170,7 +171,8 @@ class Demo:
         self.out = Path(config.output_dir)
         self.train_prompts, self.held_out = split_prompts()
         self.rewards = {o.name: get_reward(o.reward, **o.options) for o in OBJECTIVES}
-        self.classifier = get_reward("shapes", objective="prompt").classifier
+        self.classifier = self.rewards[OBJECTIVES[0].name].classifier
+        """The ``shapes`` classifier (the ``bigger`` reward's), which reads the prompt agreement."""
         self.judges = {name: get_reward(reward, **options) for name, (reward, options) in DEMO_JUDGES.items()}
         """Scored on every model's held-out images and at every training evaluation, never trained on."""
         self.space = feature_space(self.judges.values())
@@ -374,7 +376,7 @@ def plot_story(curves: dict[str, list[dict]], story: dict[str, Any], path: Path)
     plt.close(figure)
 
 
-def story_rows(summary: dict[str, Any], config: DemoConfig) -> list[tuple[str, dict[str, float]]]:
+def story_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
     """(label, scores) of the story's table: the base model, the hacked run's last LoRA, the guarded run's kept
     one."""
     story = summary["story"]
@@ -422,13 +424,13 @@ def independent_text(summary: dict[str, Any]) -> list[str]:
     the gap to the training reward's gain, prompt agreement and the covered area."""
     name = OBJECTIVES[0].name
     base, after = summary["base"], summary[name]
-    agreement, size, area = (JUDGE_PREFIX + judge for judge in DEMO_JUDGES)
+    agreement, size, area = (JUDGE_PREFIX + judge for judge in (AGREEMENT_JUDGE, SIZE_JUDGE, AREA_JUDGE))
     gain, judged = after[name] - base[name], after[size] - base[size]
     return [
         f"- LoRA '{name}' read by the judges independent of its training classifier: shape size "
         f"{base[size]:.3f} -> {after[size]:.3f} ({judged:+.3f} by `{SIZE_JUDGE}`, against {gain:+.3f} by the "
         f"training reward: a gap of {gain - judged:+.3f}); prompt agreement {base[agreement]:.1%} -> "
-        f"{after[agreement]:.1%} by `{next(iter(DEMO_JUDGES))}`; share of the image covered by shapes (no learned "
+        f"{after[agreement]:.1%} by `{AGREEMENT_JUDGE}`; share of the image covered by shapes (no learned "
         f"parts) {base[area]:.3f} -> {after[area]:.3f}."
     ]
 
@@ -505,7 +507,7 @@ def report(summary: dict[str, Any], config: DemoConfig) -> str:
         f"| model | training reward ({reward}) | {' | '.join(judge_columns)} | prompt agreement | diversity |",
         "|---|" + "---|" * (len(judge_columns) + 3),
     ]
-    for label, scores in story_rows(summary, config):
+    for label, scores in story_rows(summary):
         lines.append(
             f"| {label} | {scores[reward]:.3f} | {judge_cells(scores)} | {scores['agreement']:.1%} | {spread(scores)} |"
         )
@@ -558,7 +560,7 @@ def write_html_report(summary: dict[str, Any], config: DemoConfig, images: dict[
         ["model", f"training reward ({names[0]})", *judges, "prompt agreement", "diversity"],
         [
             [label, s[names[0]], *(s[k] for k in judges), f"{s['agreement']:.1%}", s.get("diversity")]
-            for label, s in story_rows(summary, config)
+            for label, s in story_rows(summary)
         ],
     )
     labels = [label for label in ("base", *names, "mixed", *STORY) if label in images]

@@ -11,12 +11,20 @@ from safetensors import safe_open
 
 from compose import load_lora
 from finetune.__main__ import build_parser
-from finetune.demo import DEMO_JUDGES, OBJECTIVES, SIZE_JUDGE, STORY, Demo, DemoConfig, report, run_demo
+from finetune.demo import (
+    AGREEMENT_JUDGE,
+    DEMO_JUDGES,
+    OBJECTIVES,
+    SIZE_JUDGE,
+    STORY,
+    Demo,
+    DemoConfig,
+    report,
+    run_demo,
+)
 from finetune.world import split_prompts
 from finetune.world.pipeline import load_world_pipeline
 from tests.browser import assert_renders
-
-FIRST_JUDGE = next(iter(DEMO_JUDGES))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +97,9 @@ def test_the_size_gain_is_judged_independently(demo):
     gain, judged = bigger["bigger"] - base["bigger"], bigger[size] - base[size]
     line = next(x for x in (out / "report.md").read_text().splitlines() if "read by the judges independent" in x)
     assert f"({judged:+.3f} by `{SIZE_JUDGE}`, against {gain:+.3f} by the training reward: a gap of" in line
-    assert f"{gain - judged:+.3f}" in line and f"{bigger[f'judge/{FIRST_JUDGE}']:.1%} by `{FIRST_JUDGE}`" in line
+    assert (
+        f"{gain - judged:+.3f}" in line and f"{bigger[f'judge/{AGREEMENT_JUDGE}']:.1%} by `{AGREEMENT_JUDGE}`" in line
+    )
     assert all(reward not in ("shapes", "shapes-match") for reward, _ in DEMO_JUDGES.values())
 
 
@@ -103,10 +113,10 @@ def test_overoptimisation_story(demo):
     for run in STORY:
         settings = yaml.safe_load((out / run / "training_config.yaml").read_text())
         assert settings["lr"] == story["lr"] and settings["steps"] == 1
-        assert settings["early_stop"] == (f"judge={FIRST_JUDGE},patience=2,drop=0.02" if run == "guarded" else None)
+        assert settings["early_stop"] == (f"judge={AGREEMENT_JUDGE},patience=2,drop=0.02" if run == "guarded" else None)
     final = json.loads((out / "guarded" / "metrics.jsonl").read_text().splitlines()[-1])
     guarded = story["guarded"]
-    assert final["early_stop_metric"] == f"judge/{FIRST_JUDGE}" and final["best_step"] == guarded["kept_step"]
+    assert final["early_stop_metric"] == f"judge/{AGREEMENT_JUDGE}" and final["best_step"] == guarded["kept_step"]
     text = (out / "report.md").read_text()
     assert "## Over-optimisation" in text and f"| guarded (kept step {guarded['kept_step']}) |" in text
     assert f"| hacked (step 1) | {story['hacked']['bigger']:.3f} |" in text
@@ -116,13 +126,13 @@ def test_story_verdicts_follow_the_numbers(demo):
     """The sentences under the story's table say 'rose' or 'fell' as the measured numbers do."""
     _, summary = demo
     config = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()})
-    base = {**summary["base"], "bigger": 0.4, "diversity": 0.3, f"judge/{FIRST_JUDGE}": 0.9}
-    hacked = {**summary["story"]["hacked"], "bigger": 0.8, "diversity": 0.1, f"judge/{FIRST_JUDGE}": 0.5}
+    base = {**summary["base"], "bigger": 0.4, "diversity": 0.3, f"judge/{AGREEMENT_JUDGE}": 0.9}
+    hacked = {**summary["story"]["hacked"], "bigger": 0.8, "diversity": 0.1, f"judge/{AGREEMENT_JUDGE}": 0.5}
     story = {**summary["story"], "hacked": hacked}
     text = report({**summary, "base": base, "story": story}, config)
     line = next(x for x in text.splitlines() if x.startswith("- hacked against the base model"))
     assert "bigger 0.400 -> 0.800 (rose)" in line and "diversity 0.300 -> 0.100 (fell)" in line
-    assert f"judge/{FIRST_JUDGE} 0.900 -> 0.500 (fell)" in line
+    assert f"judge/{AGREEMENT_JUDGE} 0.900 -> 0.500 (fell)" in line
 
 
 def test_html_report_renders_in_chromium(demo, tmp_path):
@@ -133,7 +143,7 @@ def test_html_report_renders_in_chromium(demo, tmp_path):
     page = assert_renders(out / "report.html", tmp_path / "demo-report.png", min_images=12 * 6 + 3)
     assert all(prompt in page.text for prompt in summary["held_out_prompts"])
     assert "prompt agreement" in page.text and page.title.startswith("DRaFT demo")
-    assert "Over-optimisation" in page.text and f"judge/{FIRST_JUDGE}" in page.text
+    assert "Over-optimisation" in page.text and f"judge/{AGREEMENT_JUDGE}" in page.text
 
 
 def test_a_failed_plot_keeps_the_finished_work(demo, tmp_path, capsys):
