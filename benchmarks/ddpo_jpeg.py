@@ -67,7 +67,7 @@ def train(seed: int, args: argparse.Namespace, runs: Path) -> dict:
         ddpo_inner_epochs=args.inner_epochs,
         ddpo_clip_range=args.clip_range,
         ddpo_min_count=args.min_count,
-        eval_seeds=WORLD_TRAINING["eval_seeds"],
+        eval_seeds=args.trainer_eval_seeds,
         eval_every=args.steps,
         checkpoint_every=args.steps,
         keep_checkpoints=1,
@@ -115,7 +115,7 @@ def evaluate(trained: list[dict], args: argparse.Namespace) -> dict:
     for run in trained:
         tuned = held_out_scores(run["lora"], held_out, seeds, scorers)
         differences = tuned["reward"] - base["reward"]
-        own = held_out_scores(run["lora"], held_out, list(WORLD_TRAINING["eval_seeds"]), {"reward": scorers["reward"]})
+        own = held_out_scores(run["lora"], held_out, list(args.trainer_eval_seeds), {"reward": scorers["reward"]})
         runs.append(
             dict(
                 seed=run["seed"],
@@ -175,7 +175,7 @@ def report(summary: dict, args: argparse.Namespace) -> str:
         f"{min(gains):+.4f}; lowest end of a seed's interval {min(run['interval'][0] for run in runs):+.4f}.",
         "",
         "The file holds what was trained: the diffusers-loaded LoRA's mean reward on the trainer's own evaluation "
-        "prompts and seeds (1000-1003) against the trainer's last evaluation: "
+        f"prompts and seeds ({', '.join(map(str, args.trainer_eval_seeds))}) against the trainer's last evaluation: "
         + ", ".join(f"seed {run['seed']} {run['loaded_eval']:.4f} vs {run['trainer_eval'][1]:.4f}" for run in runs)
         + ".",
         "",
@@ -200,10 +200,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--runs", type=Path, help="keep the runs (LoRA, metrics, report) here (default: temporary)")
     parser.add_argument("--output", type=Path, default=Path(provenance.ROOT, provenance.RESULTS))
-    parser.add_argument("--smoke", action="store_true", help="2 rounds of 4, 1 seed, 2 eval seeds")
+    parser.add_argument("--smoke", action="store_true", help="1 round of 2 at lr 3e-2, 1 seed, 1 eval seed")
     args = parser.parse_args(argv)
+    args.trainer_eval_seeds = WORLD_TRAINING["eval_seeds"]
     if args.smoke:
-        args.seeds, args.steps, args.batch, args.eval_seeds, args.min_count = 1, 2, 4, 2, 2
+        args.seeds, args.steps, args.batch, args.lr, args.inner_epochs = 1, 1, 2, 3e-2, 1
+        args.eval_seeds, args.min_count, args.trainer_eval_seeds = 1, 2, (1000,)
     if args.seeds < 1 or args.steps < 1 or args.eval_seeds < 1:
         parser.error("--seeds, --steps and --eval-seeds must be at least 1")
     return args

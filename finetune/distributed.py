@@ -7,17 +7,22 @@ update of one process with batch N*b. Evaluation is sharded over the ranks; rank
 
 A rank that raises publishes its error in the process group's store; a watchdog thread on every rank polls it and
 ends its process with that message, so one rank's failure ends the run on every rank within about a second
-instead of leaving the others waiting in a collective until the process-group timeout.
+instead of leaving the others waiting in a collective until the process-group timeout. The two sides wait for each
+other briefly (each wait bounded): the failing rank stays alive until every other rank has printed the message
+(its exit would break their collectives, which can abort them before they print), and the others end only once the
+failing rank has printed its own traceback (their exit makes the launcher terminate it).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
 import threading
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,7 +30,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 ERROR_KEY = "finetune/error"
+SEEN_KEY = "finetune/error-seen"
+"""How many other ranks have printed the published error."""
+REPORTED_KEY = "finetune/error-reported"
+"""Set by the failing rank once its traceback is out (at interpreter exit)."""
 POLL_SECONDS = 0.2
+HANDSHAKE_SECONDS = 5.0
+"""Longest either side waits for the other (a rank that died or hangs does not hold the run up for longer)."""
 
 
 def world_size() -> int:
@@ -118,6 +129,8 @@ def fail_together() -> Iterator[None]:
             message = "".join(traceback.format_exception_only(err)).strip()
             with contextlib.suppress(Exception):  # the first failure is the one reported
                 _Watchdog.store.compare_set(ERROR_KEY, "", f"{dist.get_rank()}\n{message}")
+            atexit.register(_Watchdog.signal, REPORTED_KEY)  # runs after the interpreter has printed the traceback
+            _Watchdog.wait_for(lambda store: store.add(SEEN_KEY, 0) >= dist.get_world_size() - 1)
         raise
 
 
@@ -159,4 +172,24 @@ class _Watchdog:
             if int(source) == rank:
                 return  # this rank's own error: it is being raised in the main thread
             print(f"error: rank {source} failed: {message} (ending rank {rank})", file=sys.stderr, flush=True)
+            cls.signal(SEEN_KEY)
+            cls.wait_for(lambda store: store.check([REPORTED_KEY]))
             os._exit(1)
+
+    @classmethod
+    def signal(cls, key: str) -> None:
+        """Count ``key`` up in the store (nothing if the store is gone)."""
+        with contextlib.suppress(Exception):
+            cls.store.add(key, 1)
+
+    @classmethod
+    def wait_for(cls, condition: Callable[[dist.Store], bool]) -> None:
+        """Poll ``condition(store)`` until it holds, the store is gone or :data:`HANDSHAKE_SECONDS` have passed."""
+        deadline = time.monotonic() + HANDSHAKE_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                if condition(cls.store):
+                    return
+            except Exception:
+                return
+            time.sleep(0.01)

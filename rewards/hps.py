@@ -22,6 +22,7 @@ from rewards.weights import (
     needs_weights,
     read_state_dict,
     resolve,
+    uninitialised,
 )
 
 HPS_REPO, HPS_REVISION = "xswu/HPSv2", "697403c78157020a1ae59d23f111aa58ced35b0a"
@@ -98,8 +99,10 @@ def _build(name: str, pretrained: bool, weights: dict, tiny: bool, typical, norm
     if needs_weights(name, pretrained, override, tiny):  # find the weights before building a 986M-parameter model
         path = resolve(name, MAIN, SOURCES[name], override)
         state = read_state_dict(path, nested_key="state_dict")
-    model = CLIP(**vit_h_14(tiny))
-    if state is not None:
+    if state is None:
+        model = CLIP(**vit_h_14(tiny))
+    else:
+        model = uninitialised(CLIP, **vit_h_14(tiny))
         load_state_dict_strict(model, state, f"checkpoint {path} for '{name}'")
     return HPSReward(model, typical, normalization)
 

@@ -39,6 +39,7 @@ from rewards.weights import (
     needs_weights,
     read_state_dict,
     resolve,
+    uninitialised,
 )
 
 NAME = "imagereward"
@@ -286,9 +287,13 @@ def imagereward(pretrained: bool = True, weights: dict[str, WeightsArg] | None =
     tokenizer = build_tokenizer(vocab)
     state = read_state_dict(checkpoint) if checkpoint is not None else None
     vision_config, text_config = imagereward_config(tiny)
-    reward = ImageRewardModel(
-        BlipVisionModel(vision_config), BlipTextModel(text_config, add_pooling_layer=False), tokenizer
-    )
+
+    def build() -> ImageRewardModel:
+        return ImageRewardModel(
+            BlipVisionModel(vision_config), BlipTextModel(text_config, add_pooling_layer=False), tokenizer
+        )
+
+    reward = build() if state is None else uninitialised(build)
     if state is not None:
         load_reference_state_dict(reward, state, f"checkpoint {checkpoint} for '{NAME}' component '{MODEL}'")
     return reward

@@ -163,3 +163,20 @@ def test_sample_efficiency_smoke_thresholds_and_ratios_follow_the_recorded_curve
         assert ratio["per_seed"] == pytest.approx(expected)
     report = (tmp_path / "sample_efficiency.md").read_text()
     assert "| draft-k/draft-lv | 50% | queries |" in report and "load average (1 min) at end" in report
+
+
+def test_ddpo_jpeg_smoke_reports_the_paired_gain_and_the_loaded_lora_reproduces_the_trainer(tmp_path):
+    """The reported gain is the held-out mean after minus before, inside its bootstrap interval, and the LoRA file
+    loaded by diffusers scores what the trainer's own last evaluation scored on the same prompts and seeds."""
+    run("ddpo_jpeg.py", "--smoke", "--output", str(tmp_path))
+    summary = json.loads((tmp_path / "ddpo_jpeg_cpu.json").read_text())
+    (result,) = summary["runs"]
+    assert result["queries"] == 2 and summary["images"] == 12
+    assert result["gain"] == pytest.approx(result["after"] - result["before"], abs=1e-6)
+    assert result["interval"][0] <= result["gain"] <= result["interval"][1]
+    assert result["rose"] + result["fell"] <= 1
+    first, last = result["trainer_eval"]
+    assert abs(last - first) > 1e-3  # training moved the trainer's evaluation, ...
+    assert result["loaded_eval"] == pytest.approx(last, abs=2e-4)  # ... and the loaded file moves it as far
+    report = (tmp_path / "ddpo_jpeg_cpu.md").read_text()
+    assert re.search(r"^commit [0-9a-f]{7,}", report, re.M) and f"{result['gain']:+.4f}" in report

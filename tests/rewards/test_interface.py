@@ -52,10 +52,25 @@ def missing_marks(name):
     return [pytest.mark.skip(reason=f"needs {', '.join(missing)} (optional extra)")] if missing else []
 
 
+SAME_MODEL_AS = {"hpsv2.1": "hpsv2"}
+"""Rewards built by the same code at the same geometry as another, differing only in their weights: the full-geometry
+contract (half a minute each on 2 cores) runs for the other; ``test_same_model_as`` checks that they still match."""
+
+
 def full_geometry_variants():
     for name in list_rewards():
-        if "tiny" in get_entry(name).options:
+        if "tiny" in get_entry(name).options and name not in SAME_MODEL_AS:
             yield pytest.param(name, dict(REQUIRED_OPTIONS.get(name, {})), id=name)
+
+
+@pytest.mark.parametrize(("name", "other"), SAME_MODEL_AS.items())
+def test_same_model_as(name, other):
+    """Full geometry, on the meta device: the same reward class and every tensor of the same name and shape."""
+    with torch.device("meta"):
+        reward, same = get_reward(name, pretrained=False), get_reward(other, pretrained=False)
+    assert type(reward) is type(same)
+    shapes = [{key: value.shape for key, value in r.state_dict().items()} for r in (reward, same)]
+    assert shapes[0] == shapes[1] and len(shapes[0]) > 100
 
 
 @pytest.fixture(scope="module")

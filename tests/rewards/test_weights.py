@@ -443,8 +443,9 @@ def test_url_download_that_fails_leaves_nothing(torch_cache, online, path, overr
 def test_ctrl_c_during_a_url_download_leaves_nothing(torch_cache, tmp_path):
     """A real interruption: SIGINT to a process in the middle of a download."""
     payload = os.urandom(4 << 20)  # 256 pieces of 16 KiB, 0.05 s apart: about 13 s if not interrupted
-    script = (
-        "import sys, torch; from rewards.weights import WeightSource, resolve; torch.hub.set_dir(sys.argv[1]); "
+    script = (  # Python's own Ctrl-C handler, even when the test runs where SIGINT is ignored (a background job)
+        "import signal, sys, torch; from rewards.weights import WeightSource, resolve; torch.hub.set_dir(sys.argv[1]); "
+        "signal.signal(signal.SIGINT, signal.default_int_handler); "
         "resolve('r', 'head', WeightSource(url=sys.argv[2], filename='head.pth', size=int(sys.argv[3])), None)"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
@@ -497,3 +498,36 @@ def test_reference_sources_are_pinned():
     assert all(source.revision is None for source in unpinned.values())
     for source in (aesthetic.V1_HEAD_SOURCE, aesthetic.V2_HEAD_SOURCE):
         assert "/raw/main/" not in source.url and source.size and len(source.sha256) == 64
+
+
+@pytest.mark.parametrize("family", ["transformers", "open_clip"])
+def test_a_loaded_model_skips_the_random_initialisation_and_equals_one_initialised_first(tmp_path, family):
+    """A model built for a strict load skips its random initialisation (seconds to tens of seconds for the CLIP-H
+    rewards) and ends up identical to one initialised first: every parameter and buffer,
+    including the non-persistent ones the state dict does not carry (position ids, attention masks)."""
+    if family == "transformers":
+        from transformers import CLIPModel
+
+        from rewards.pickscore import pickscore_config
+
+        factory, kwargs = CLIPModel, {"config": pickscore_config(tiny=True)}
+    else:
+        from open_clip.model import CLIP
+
+        from rewards.hps import vit_h_14
+
+        factory, kwargs = CLIP, vit_h_14(tiny=True)
+    torch.manual_seed(0)
+    reference = factory(**kwargs)
+    torch.manual_seed(0)
+    model = weights_mod.uninitialised(factory, **kwargs)
+    linears = [name for name, module in reference.named_modules() if isinstance(module, nn.Linear)]
+    assert linears and all(  # the initialisation did not run (with the same seed it would give the same values)
+        not torch.equal(model.get_submodule(name).weight, reference.get_submodule(name).weight) for name in linears
+    )
+    load_state_dict_strict(model, reference.state_dict(), "test")
+    for tensors in (lambda m: dict(m.named_parameters()), lambda m: dict(m.named_buffers())):
+        expected, loaded = tensors(reference), tensors(model)
+        assert loaded.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
