@@ -293,7 +293,8 @@ def imagereward(pretrained: bool = True, weights: dict[str, WeightsArg] | None =
             BlipVisionModel(vision_config), BlipTextModel(text_config, add_pooling_layer=False), tokenizer
         )
 
-    reward = build() if state is None else uninitialised(build)
-    if state is not None:
-        load_reference_state_dict(reward, state, f"checkpoint {checkpoint} for '{NAME}' component '{MODEL}'")
+    if state is None:
+        return build()
+    reward = uninitialised(build)
+    load_reference_state_dict(reward, state, f"checkpoint {checkpoint} for '{NAME}' component '{MODEL}'")
     return reward
