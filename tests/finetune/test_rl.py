@@ -5,6 +5,7 @@ resume."""
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from finetune.config import DRAFT_METHOD_NAMES, TrainConfig
 from finetune.pipelines import build_random_pipeline, load_pipeline
 from finetune.rl.ddpo import PerPromptStatTracker
 from finetune.rl.grpo import group_advantages, sde_transition
-from finetune.rl.policy import ppo_loss
+from finetune.rl.policy import CLIPPING_ROUNDS, ppo_loss
 from finetune.trainer import Trainer
 from rewards import get_reward
 from tests.finetune.test_distributed import LAUNCHER
@@ -233,6 +234,25 @@ def test_ddpo_resume_continues_as_one_run(tiny_model_dir, tiny_config, tmp_path)
     assert lora_whole.keys() == lora_split.keys()
     for key, value in lora_whole.items():
         torch.testing.assert_close(lora_split[key], value, rtol=0, atol=1e-6)
+
+
+def test_a_run_whose_ratios_are_mostly_clipped_is_warned_once(tiny_model_dir, tiny_config):
+    """A learning rate far past the clip range clips (nearly) every ratio after a round's first optimizer step:
+    warned once, after the averaging window, naming the two flags; a round that clips little is not."""
+    config = ddpo_config(
+        tiny_config, steps=CLIPPING_ROUNDS + 1, num_inference_steps=2, lr=1e-2, ddpo_clip_range=1e-6,
+        ddpo_inner_epochs=2, ddpo_min_count=1,
+    )  # fmt: skip
+    trainer = ddpo_trainer(tiny_model_dir, config)
+    with pytest.warns(UserWarning, match=r"ratios that can be clipped.*--lr.*--ddpo-clip-range") as caught:
+        trainer.train()
+    assert len([w for w in caught if "clipped" in str(w.message)]) == 1
+    assert min(trainer.rl.recent_clipfrac) > 0.5  # of the 0.75 that can be clipped
+    quiet = ddpo_trainer(tiny_model_dir, config).rl
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(CLIPPING_ROUNDS):
+            quiet.warn_if_clipped(0.3)  # 40% of 0.75
 
 
 @pytest.fixture(scope="module")
