@@ -5,7 +5,8 @@ on held-out prompts and noise seeds against the shipped pipeline.
     python benchmarks/ddpo_jpeg.py --smoke --output DIR   # seconds: the code path, no figures worth reading
 
 Each training seed fine-tunes one LoRA with ``finetune``'s trainer (``--method ddpo`` on ``--reward``, the world's
-24 training prompts; the settings are the flags below, recorded in the report). Then the shipped pipeline, and
+24 training prompts; the settings are the flags below, by default the world's DDPO preset
+``finetune.world.WORLD_DDPO_TRAINING``, and are recorded in the report). Then the shipped pipeline, and
 each LoRA loaded by diffusers' own ``load_lora_weights`` (as a user loads the file), sample the world's 12
 held-out prompts at ``--eval-seeds`` noise seeds from 2000 (training draws its noise from its own seeded
 generator, and its periodic evaluation uses seeds 1000-1003), deterministic DDIM at the world's 10 steps. Reported
@@ -36,7 +37,7 @@ from finetune.checkpoint import atomic_write_text
 from finetune.config import TrainConfig
 from finetune.sampling import generate
 from finetune.trainer import Trainer
-from finetune.world import WORLD_TRAINING, split_prompts
+from finetune.world import WORLD_DDPO_TRAINING, WORLD_TRAINING, split_prompts
 from finetune.world.evaluate import world_sampler
 from finetune.world.pipeline import load_world_pipeline
 from rewards import get_reward
@@ -190,11 +191,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reward", default="jpeg-compressibility", help="the (non-differentiable) reward")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (0, 1, ...)")
     parser.add_argument("--steps", type=int, default=60, help="DDPO rounds per run")
-    parser.add_argument("--batch", type=int, default=16, help="trajectories per round")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--clip-range", type=float, default=1e-3, help="PPO clip range of the importance ratio")
-    parser.add_argument("--inner-epochs", type=int, default=2)
-    parser.add_argument("--min-count", type=int, default=4, help="rewards a prompt needs for its own statistics")
+    preset = WORLD_DDPO_TRAINING  # the defaults: what `python -m finetune train --model world --method ddpo` uses
+    parser.add_argument("--batch", type=int, default=preset["batch_size"], help="trajectories per round")
+    parser.add_argument("--lr", type=float, default=preset["lr"])
+    parser.add_argument("--clip-range", type=float, default=preset["ddpo_clip_range"], help="PPO clip range")
+    parser.add_argument("--inner-epochs", type=int, default=preset["ddpo_inner_epochs"])
+    parser.add_argument(
+        "--min-count", type=int, default=preset["ddpo_min_count"], help="rewards a prompt needs for its own statistics"
+    )
     parser.add_argument("--eval-seeds", type=int, default=16, help="held-out noise seeds per prompt, from 2000")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")

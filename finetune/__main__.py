@@ -193,9 +193,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.reward_random_weights:
         values["reward_random_weights"] = True
     if values.get("model") == WORLD_MODEL:
-        from finetune.world import SHIPPED_PIPELINE, WORLD_TRAINING
+        from finetune.world import SHIPPED_PIPELINE, WORLD_DDPO_TRAINING, WORLD_TRAINING
 
-        values = {**WORLD_TRAINING, **values, "model": str(SHIPPED_PIPELINE)}
+        preset = {**WORLD_TRAINING, **(WORLD_DDPO_TRAINING if values.get("method") == "ddpo" else {})}
+        values = {**preset, **values, "model": str(SHIPPED_PIPELINE)}
     values["extra"] = {**values.get("extra", {}), "command": " ".join(sys.argv)}
     return TrainConfig.from_dict(values)
 

@@ -13,7 +13,7 @@ import finetune.pipelines
 from finetune.__main__ import build_parser, config_from_args, main, resume_command
 from finetune.outputs import claim_output_dir
 from finetune.trainer import RUN_ARTEFACTS, Trainer
-from finetune.world import SHIPPED_PIPELINE, WORLD_TRAINING
+from finetune.world import SHIPPED_PIPELINE, WORLD_DDPO_TRAINING, WORLD_TRAINING
 from rewards import get_reward
 
 
@@ -131,6 +131,17 @@ def test_world_model_preset(tmp_path):
     config = config_from_args(parser.parse_args(args))
     assert (config.num_inference_steps, config.resolution) == (4, 64)  # file and flags beat the preset
     assert config.prompts == WORLD_TRAINING["prompts"]  # and what the file does not give stays the preset's
+
+
+def test_world_ddpo_preset():
+    """--method ddpo in the world takes the DDPO settings over the DRaFT ones; flags still win; DRaFT keeps its own."""
+    parser = build_parser()
+    fields = list(WORLD_DDPO_TRAINING)
+    ddpo = config_from_args(parser.parse_args(["train", "--model", "world", "--method", "ddpo", "--lr", "1e-3"]))
+    assert {f: getattr(ddpo, f) for f in fields} == {**WORLD_DDPO_TRAINING, "lr": 1e-3}
+    assert ddpo.num_inference_steps == WORLD_TRAINING["num_inference_steps"]  # the rest stays the world's
+    draft = config_from_args(parser.parse_args(["train", "--model", "world"]))
+    assert (draft.lr, draft.batch_size) == (WORLD_TRAINING["lr"], WORLD_TRAINING["batch_size"])
 
 
 def test_resume_command():
