@@ -53,14 +53,9 @@ def train(seed: int, args: argparse.Namespace, runs: Path) -> dict:
     torch.set_num_threads(args.threads)
     train_prompts, held_out = split_prompts()
     output = runs / f"seed{seed}"
-    config = TrainConfig(
+    settings = dict(
         method="ddpo",
         reward=args.reward,
-        resolution=WORLD_TRAINING["resolution"],
-        num_inference_steps=WORLD_TRAINING["num_inference_steps"],
-        guidance_scale=WORLD_TRAINING["guidance_scale"],
-        lora_rank=WORLD_TRAINING["lora_rank"],
-        weight_decay=0.0,
         batch_size=args.batch,
         lr=args.lr,
         steps=args.steps,
@@ -74,8 +69,8 @@ def train(seed: int, args: argparse.Namespace, runs: Path) -> dict:
         keep_checkpoints=1,
         output_dir=str(output),
         overwrite=True,
-        device="cpu",
     )
+    config = TrainConfig(**{**WORLD_TRAINING, **settings})  # the world's settings, as `--model world` takes them
     Trainer(load_world_pipeline(), get_reward(args.reward), config, train_prompts, held_out).train()
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     evaluations = [row["eval_reward"] for row in rows if "eval_reward" in row]
@@ -84,16 +79,21 @@ def train(seed: int, args: argparse.Namespace, runs: Path) -> dict:
 
 
 @torch.no_grad()
-def held_out_scores(lora: str | None, prompts: list[str], seeds: list[int], scorers: dict) -> dict[str, torch.Tensor]:
-    """Each scorer's per-image scores of the shipped pipeline (with ``lora`` loaded by diffusers if given) on
-    every prompt at every seed (prompt-major)."""
+def held_out_scores(
+    lora: str | None, prompts: list[str], seed_sets: dict[str, list[int]], scorers: dict
+) -> dict[str, dict[str, torch.Tensor]]:
+    """For each named set of seeds, each scorer's per-image scores of the shipped pipeline (with ``lora`` loaded by
+    diffusers if given) on every prompt at every seed (prompt-major); the pipeline is loaded once."""
     pipeline = load_world_pipeline()
     if lora is not None:
         pipeline.load_lora_weights(lora)
     sampler = world_sampler(pipeline, WORLD_TRAINING["num_inference_steps"], WORLD_TRAINING["guidance_scale"])
-    images = generate(sampler, prompts, seeds, batch_size=64)
-    image_prompts = [p for p in prompts for _ in seeds]
-    return {name: scorer(images, image_prompts).float() for name, scorer in scorers.items()}
+    scores = {}
+    for key, seeds in seed_sets.items():
+        images = generate(sampler, prompts, seeds, batch_size=64)
+        image_prompts = [p for p in prompts for _ in seeds]
+        scores[key] = {name: scorer(images, image_prompts).float() for name, scorer in scorers.items()}
+    return scores
 
 
 def bootstrap_interval(differences: torch.Tensor, seed: int = 0) -> tuple[float, float]:
@@ -107,16 +107,17 @@ def bootstrap_interval(differences: torch.Tensor, seed: int = 0) -> tuple[float,
 
 def evaluate(trained: list[dict], args: argparse.Namespace) -> dict:
     """The base pipeline and every LoRA on the held-out prompts and seeds, and on the trainer's own evaluation."""
-    torch.set_num_threads(args.threads)
     _, held_out = split_prompts()
     seeds = list(range(EVAL_SEED_START, EVAL_SEED_START + args.eval_seeds))
     scorers = {"reward": get_reward(args.reward), "judge": get_reward(JUDGE)}
-    base = held_out_scores(None, held_out, seeds, scorers)
+    base = held_out_scores(None, held_out, {"held_out": seeds}, scorers)["held_out"]
     runs = []
     for run in trained:
-        tuned = held_out_scores(run["lora"], held_out, seeds, scorers)
+        scores = held_out_scores(
+            run["lora"], held_out, {"held_out": seeds, "own": list(args.trainer_eval_seeds)}, scorers
+        )
+        tuned, own = scores["held_out"], scores["own"]
         differences = tuned["reward"] - base["reward"]
-        own = held_out_scores(run["lora"], held_out, list(args.trainer_eval_seeds), {"reward": scorers["reward"]})
         runs.append(
             dict(
                 seed=run["seed"],
@@ -137,6 +138,7 @@ def evaluate(trained: list[dict], args: argparse.Namespace) -> dict:
 
 
 def report(summary: dict, args: argparse.Namespace) -> str:
+    config = TrainConfig(**WORLD_TRAINING)  # the settings the flags leave as the world's
     runs = summary["runs"]
     gains = [run["gain"] for run in runs]
     lines = [
@@ -148,9 +150,11 @@ def report(summary: dict, args: argparse.Namespace) -> str:
         "",
         f"Training: `--method ddpo --reward {args.reward}`, {args.steps} rounds of {args.batch} trajectories "
         f"({args.steps * args.batch} reward queries), lr {args.lr:g}, PPO clip range {args.clip_range:g}, "
-        f"{args.inner_epochs} inner epochs of 2 minibatches, per-prompt statistics from {args.min_count} rewards "
-        f"(buffer 16), the world's other settings (10 DDIM steps, eta 1, guidance 3, LoRA rank 4); one process "
-        f"per seed, {args.threads} thread each. Wall time {summary['minutes']:.1f} min.",
+        f"{args.inner_epochs} inner epochs of {config.ddpo_minibatches} minibatches, per-prompt statistics from "
+        f"{args.min_count} rewards (buffer {config.ddpo_buffer_size}), the world's other settings "
+        f"({config.num_inference_steps} DDIM steps, eta {config.ddpo_eta:g}, guidance {config.guidance_scale:g}, "
+        f"LoRA rank {config.lora_rank}); one process per seed, {args.threads} thread each. Wall time "
+        f"{summary['minutes']:.1f} min.",
         "",
         f"Held-out measurement: the shipped pipeline and each LoRA (loaded by diffusers' `load_lora_weights`) on the "
         f"world's {len(summary['prompts'])} held-out prompts x {len(summary['seeds'])} noise seeds "

@@ -283,12 +283,12 @@ class PolicyGradient(ABC):
         self.recent_clipfrac.append(clipfrac)
         if self.warned_clipping or self.trainer.rank != 0 or not clippable:
             return
-        share = statistics.mean(self.recent_clipfrac) / clippable
-        if len(self.recent_clipfrac) == CLIPPING_ROUNDS and share > 0.5:
+        mean = statistics.mean(self.recent_clipfrac)
+        if len(self.recent_clipfrac) == CLIPPING_ROUNDS and mean / clippable > 0.5:
             self.warned_clipping = True
             warnings.warn(
-                f"{self.name}: {share:.0%} of the PPO ratios that can be clipped were clipped over the last "
-                f"{CLIPPING_ROUNDS} rounds (clipfrac {statistics.mean(self.recent_clipfrac):.2f}): each update moves "
+                f"{self.name}: {mean / clippable:.0%} of the PPO ratios that can be clipped were clipped over the last "
+                f"{CLIPPING_ROUNDS} rounds (clipfrac {mean:.2f}): each update moves "
                 f"the policy past the clip range ({config.ddpo_clip_range:g}), so the later minibatches of a round "
                 f"teach almost nothing; lower --lr or raise --ddpo-clip-range",
                 stacklevel=2,
